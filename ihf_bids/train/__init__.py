@@ -1,1 +1,8 @@
-"""Placeholder."""
+"""Training IHF-Harmony on site-labelled 2.5D slices."""
+
+from __future__ import annotations
+
+from .data import SliceBank, TrainingVolume
+from .loop import TrainConfig, TrainResult, train_model
+
+__all__ = ["SliceBank", "TrainConfig", "TrainResult", "TrainingVolume", "train_model"]

@@ -1,0 +1,195 @@
+"""The training loop: Adam, optional CUDA mixed precision, resumable and seeded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..harmonize.checkpoint import _atomic_write_bytes, save_model
+from .data import SliceBank
+
+__all__ = ["TrainConfig", "TrainResult", "train_model"]
+
+LOGGER = logging.getLogger("ihf_bids.train")
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (the defaults are the paper's where it gives them).
+
+    Attributes
+    ----------
+    steps : int
+        Optimisation steps (the paper trains 300 epochs on a GPU; bound it here).
+    batch_size : int
+        Window pairs per step (paper: 32).
+    learning_rate : float
+        Adam learning rate (paper: 1e-4).
+    seed : int
+        Seeds the network initialisation, the pair sampling and the loss's query positions.
+    checkpoint_every : int
+        Steps between resumable checkpoints (``train_state.pt``).
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    architecture : dict, optional
+        :class:`~ihf_bids.model.FlowConfig` fields; the default architecture when omitted.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    seed: int = 0
+    checkpoint_every: int = 50
+    device: str = "auto"
+    architecture: dict | None = None
+    loss: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_model` returns."""
+
+    model: object
+    history: list[dict]
+    model_dir: Path
+    device: str
+
+
+def _save_state(path: Path, model, optimizer, scaler, step: int, rng, loss_generator, history) -> None:
+    import torch
+
+    payload = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+        "loss_generator": loss_generator.get_state(),
+        "history": json.dumps(history),
+    }
+    _atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
+
+
+def train_model(
+    bank: SliceBank,
+    config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    vgg=None,
+    extra_metadata: dict | None = None,
+) -> TrainResult:
+    """Train IHF-Harmony on window pairs from ``bank``; write the model to ``output_dir``.
+
+    A run that finds ``output_dir/train_state.pt`` (and ``resume``) continues from it; on
+    the CPU the resumed run reaches the same state as an uninterrupted one.
+    """
+    import torch
+
+    from ..harmonize.device import resolve_device
+    from ..model import FlowConfig, HarmonyLoss, IHFHarmony, load_vgg19, target_embedding, to_vgg_input
+    from ..model.losses import ANATOMY_LAYERS
+    from ..model.vgg import ARTEFACT_LAYERS
+
+    device = resolve_device(config.device)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state_path = output_dir / STATE_FILE
+
+    torch.manual_seed(config.seed)
+    arch = FlowConfig.from_dict(config.architecture) if config.architecture else FlowConfig()
+    model = IHFHarmony(arch).to(device)
+    vgg = (vgg or load_vgg19()).to(device)
+    criterion = HarmonyLoss(**config.loss)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    use_amp = device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    rng = np.random.default_rng(config.seed)
+    loss_generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    start = 0
+
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        loss_generator.set_state(state["loss_generator"])
+        history = json.loads(state["history"])
+        start = int(state["step"])
+        LOGGER.info("resuming training from step %d (%s)", start, state_path)
+
+    features_layers = tuple(dict.fromkeys(ARTEFACT_LAYERS + ANATOMY_LAYERS))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="training", unit="step", disable=not sys.stderr.isatty())
+    model.train()
+    t0 = time.monotonic()
+    for step in range(start, config.steps):
+        x_np, y_np = bank.sample(rng, config.batch_size)
+        x = torch.from_numpy(x_np).to(device)
+        y = torch.from_numpy(y_np).to(device)
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+            with torch.no_grad():
+                z_s = target_embedding(vgg, y)
+                target_feats = vgg(to_vgg_input(y), ARTEFACT_LAYERS)
+                source_feats = vgg(to_vgg_input(x), ANATOMY_LAYERS)
+            x_hat = model(x, z_s)
+            output_feats = vgg(to_vgg_input(x_hat), features_layers)
+        loss, parts = criterion(
+            {k: v.float() for k, v in source_feats.items()},
+            {k: v.float() for k, v in output_feats.items()},
+            {k: v.float() for k, v in target_feats.items()},
+            generator=loss_generator,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        parts["step"] = step + 1
+        history.append(parts)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        if (step + 1) % max(1, config.checkpoint_every) == 0 or step + 1 == config.steps:
+            _save_state(state_path, model, optimizer, scaler, step + 1, rng, loss_generator, history)
+        if not (bar is not None and not bar.disable) and ((step + 1) % 10 == 0 or step + 1 == config.steps):
+            elapsed = time.monotonic() - t0
+            done = step + 1 - start
+            eta = elapsed / done * (config.steps - step - 1)
+            LOGGER.info(
+                "step %d/%d loss %.4f (anatomy %.4f, artefact %.4f) eta %.0f s",
+                step + 1, config.steps, parts["loss"], parts["anatomy"], parts["artefact"], eta,
+            )
+    if bar is not None:
+        bar.close()
+    model.eval()
+    metadata = {
+        "modalities": bank.modalities,
+        "sites": bank.sites,
+        "data": bank.summary(),
+        "training": {**asdict(config), "device": device, "final_loss": history[-1] if history else None},
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **(extra_metadata or {}),
+    }
+    metadata["training"].pop("architecture", None)
+    save_model(model, output_dir, metadata)
+    return TrainResult(model=model, history=history, model_dir=output_dir, device=device)
