@@ -66,7 +66,7 @@ def test_artefact_loss_counts_mean_and_std():
 def test_total_loss_weights_and_gradient():
     layers = ("relu1_1", "relu2_1", "relu3_1")
     feats = {name: torch.randn(2, 8, 16 // (i + 1), 16 // (i + 1)) for i, name in enumerate(layers)}
-    target = {k: v * 2 + 1 for k, v in feats.items()}
+    target = {k: channel_statistics(v * 2 + 1) for k, v in feats.items()}
     out = {k: v.clone().requires_grad_(True) for k, v in feats.items()}
     criterion = HarmonyLoss()
     total, parts = criterion(feats, out, target)
@@ -75,5 +75,5 @@ def test_total_loss_weights_and_gradient():
     assert total.item() == pytest.approx(criterion.lambda_ac * parts["anatomy"] + criterion.lambda_art * parts["artefact"])
     total.backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in out.values())
-    zero, _ = criterion(feats, {k: v.clone() for k, v in feats.items()}, feats)
+    zero, _ = criterion(feats, {k: v.clone() for k, v in feats.items()}, {k: channel_statistics(v) for k, v in feats.items()})
     assert zero.item() < 1e-6

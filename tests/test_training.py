@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from ihf_bids.harmonize import CheckpointError, load_model, save_model
-from ihf_bids.model import FlowConfig, HarmonyLoss, IHFHarmony, LevelConfig, load_vgg19, target_embedding, to_vgg_input
+from ihf_bids.model import FlowConfig, HarmonyLoss, IHFHarmony, LevelConfig, load_vgg19, to_vgg_input
 from ihf_bids.model.losses import ANATOMY_LAYERS
-from ihf_bids.model.vgg import ARTEFACT_LAYERS
-from ihf_bids.train import SliceBank, TrainConfig, TrainingVolume, train_model
+from ihf_bids.model.vgg import ARTEFACT_LAYERS, split_embedding
+from ihf_bids.train import SliceBank, TrainConfig, TrainingVolume, build_site_profiles, train_model
 
 SMALL_ARCH = FlowConfig(levels=(LevelConfig(2, 8), LevelConfig(2, 16)), embedding_hidden=32).to_dict()
 
@@ -53,22 +53,31 @@ def vgg():
     return load_vgg19()
 
 
-def _fixed_batch_loss(model, vgg, bank) -> float:
-    x, y = (torch.from_numpy(a) for a in bank.sample(np.random.default_rng(123), 16))
+def _fixed_batch_loss(model, vgg, bank, profiles) -> float:
+    x_np, targets = bank.sample(np.random.default_rng(123), 16)
+    x = torch.from_numpy(x_np)
+    z_s = torch.stack([torch.from_numpy(profiles[site, modality].embeddings[k]) for site, modality, k in targets])
     with torch.no_grad():
-        out = model(x, target_embedding(vgg, y))
+        out = model(x, z_s)
         loss, _ = HarmonyLoss()(
             vgg(to_vgg_input(x), ANATOMY_LAYERS),
             vgg(to_vgg_input(out), ARTEFACT_LAYERS + ANATOMY_LAYERS),
-            vgg(to_vgg_input(y), ARTEFACT_LAYERS),
+            split_embedding(z_s),
             generator=torch.Generator().manual_seed(0),
         )
     return float(loss)
 
 
-def test_slice_bank_pairs_sites_at_same_position(bank):
-    x, y = bank.sample(np.random.default_rng(0), 5)
-    assert x.shape == y.shape == (5, 3, 24, 28)
+def test_slice_bank_draws_targets_at_same_position(bank):
+    x, targets = bank.sample(np.random.default_rng(0), 40)
+    assert x.shape == (40, 3, 24, 28)
+    same_site = 0
+    for window, (site, modality, k) in zip(x, targets):
+        # The window is slice k of some volume: the target is at the same position.
+        source = next(i for i, v in enumerate(bank.volumes) if np.array_equal(bank.window(i, k), window))
+        assert modality == "T1w" and site in ("a", "b")
+        same_site += bank.volumes[source].site == site
+    assert 0 < same_site < 40, "targets include the source's own site and the other one"
     assert bank.sites == ["a", "b"]
     assert bank.summary()["volumes"] == {"T1w": {"a": 3, "b": 3}}
 
@@ -81,10 +90,16 @@ def test_slice_bank_needs_two_sites():
 
 def test_tiny_training_lowers_the_loss(bank, vgg, tmp_path):
     torch.manual_seed(0)
-    before = _fixed_batch_loss(IHFHarmony(FlowConfig.from_dict(SMALL_ARCH)), vgg, bank)
+    profiles = build_site_profiles(bank, vgg=vgg)
+    assert set(profiles) == {("a", "T1w"), ("b", "T1w")}
+    before = _fixed_batch_loss(IHFHarmony(FlowConfig.from_dict(SMALL_ARCH)), vgg, bank, profiles)
     config = TrainConfig(steps=60, batch_size=8, learning_rate=2e-3, seed=0, architecture=SMALL_ARCH)
     result = train_model(bank, config, tmp_path, progress=False, vgg=vgg)
-    after = _fixed_batch_loss(result.model, vgg, bank)
+    after = _fixed_batch_loss(result.model, vgg, bank, profiles)
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == [
+        "site-a_modality-T1w_profile.npz",
+        "site-b_modality-T1w_profile.npz",
+    ]
     assert after < 0.8 * before, (before, after)
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["sites"] == ["a", "b"] and meta["modalities"] == ["T1w"]

@@ -150,10 +150,21 @@ class HarmonyLoss:
         self,
         source_features: dict[str, torch.Tensor],
         output_features: dict[str, torch.Tensor],
-        target_features: dict[str, torch.Tensor],
+        target_statistics: dict[str, tuple[torch.Tensor, torch.Tensor]],
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return the total loss and its parts (floats, for logging)."""
+        """Return the total loss and its parts (floats, for logging).
+
+        Parameters
+        ----------
+        source_features, output_features : dict of layer name to (B, C, H, W) features
+            VGG19 features of x (:data:`ANATOMY_LAYERS`) and of x_hat (those and
+            :data:`~ihf_bids.model.vgg.ARTEFACT_LAYERS`).
+        target_statistics : dict of layer name to (mean, std), (B, C) each
+            The target's channel statistics per artefact layer: of one target image
+            (:func:`~ihf_bids.model.vgg.channel_statistics`) or of a site profile
+            (:func:`~ihf_bids.model.vgg.split_embedding`).
+        """
         l_ac = sum(
             spatial_correlative_loss(
                 source_features[layer], output_features[layer], num_queries=self.num_queries, generator=generator
@@ -163,7 +174,7 @@ class HarmonyLoss:
         l_art = sum(
             artefact_consistency_loss(
                 tuple(s / self.feature_scale for s in channel_statistics(output_features[layer])),
-                tuple(s / self.feature_scale for s in channel_statistics(target_features[layer])),
+                tuple(s / self.feature_scale for s in target_statistics[layer]),
                 self.keep_fraction,
             )
             for layer in ARTEFACT_LAYERS

@@ -26,6 +26,7 @@ __all__ = [
     "channel_statistics",
     "load_vgg19",
     "shipped_vgg19_weights_path",
+    "split_embedding",
     "target_embedding",
     "to_vgg_input",
 ]
@@ -186,3 +187,13 @@ def target_embedding(vgg: VGG19Features, windows: torch.Tensor) -> torch.Tensor:
         mean, std = channel_statistics(features[layer])
         parts.extend((mean, std))
     return torch.cat(parts, dim=1)
+
+
+def split_embedding(embedding: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Inverse of the concatenation in :func:`target_embedding`: per layer (mean, std), (B, C) each."""
+    out = {}
+    start = 0
+    for layer, channels in zip(PROFILE_LAYERS, (64, 128, 256, 512)):
+        out[layer] = (embedding[:, start : start + channels], embedding[:, start + channels : start + 2 * channels])
+        start += 2 * channels
+    return out

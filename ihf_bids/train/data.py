@@ -1,9 +1,9 @@
 """Site-labelled 2.5D slices for unpaired training.
 
-Each training pair is a source window x and a target window y of the same modality from
-two different sites. y is drawn at the same template slice position as x (both volumes are
-in the template space), so the target statistics that condition the network during
-training describe the same anatomy level as the profile entries used at inference.
+Each training sample is a source window x and a target: another site that has the same
+modality, at the same template slice position (all volumes are in the template space).
+The training loop takes the target's statistics from that site's profile at that position,
+exactly as inference does.
 """
 
 from __future__ import annotations
@@ -107,16 +107,22 @@ class SliceBank:
         """The (3, X', Y') window of volume ``index`` centred on slice ``k``."""
         return np.ascontiguousarray(self._arrays[index][..., k : k + 3].transpose(2, 0, 1))
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Draw ``batch_size`` (source, target) pairs: same modality, other site, same position."""
-        xs, ys = [], []
+    def volumes_of(self, site: str, modality: str) -> list[TrainingVolume]:
+        """The bank's volumes of one site and modality (e.g. to build its profile)."""
+        return [self.volumes[i] for i in self._groups.get(modality, {}).get(site, [])]
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, list[tuple[str, str, int]]]:
+        """Draw ``batch_size`` source windows, each with a target (site, modality, slice position).
+
+        The target site is drawn among all sites that have the source's modality, the
+        source's own included: harmonizing a scan to its own site must leave it unchanged,
+        and the network learns that from these same-site samples.
+        """
+        xs, targets = [], []
         for j in rng.integers(len(self._sources), size=batch_size):
             i, k = self._sources[j]
             vol = self.volumes[i]
-            others = [s for s in self._groups[vol.modality] if s != vol.site]
-            site = others[rng.integers(len(others))]
-            candidates = self._groups[vol.modality][site]
-            t = candidates[rng.integers(len(candidates))]
+            sites = sorted(self._groups[vol.modality])
             xs.append(self.window(i, k))
-            ys.append(self.window(t, k))
-        return np.stack(xs), np.stack(ys)
+            targets.append((sites[rng.integers(len(sites))], vol.modality, int(k)))
+        return np.stack(xs), targets

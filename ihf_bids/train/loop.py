@@ -15,7 +15,7 @@ import numpy as np
 from ..harmonize.checkpoint import _atomic_write_bytes, save_model
 from .data import SliceBank
 
-__all__ = ["TrainConfig", "TrainResult", "train_model"]
+__all__ = ["TrainConfig", "TrainResult", "build_site_profiles", "train_model"]
 
 LOGGER = logging.getLogger("ihf_bids.train")
 STATE_FILE = "train_state.pt"
@@ -61,6 +61,7 @@ class TrainResult:
     history: list[dict]
     model_dir: Path
     device: str
+    profiles: dict
 
 
 def _save_state(path: Path, model, optimizer, scaler, step: int, rng, loss_generator, history) -> None:
@@ -78,6 +79,34 @@ def _save_state(path: Path, model, optimizer, scaler, step: int, rng, loss_gener
     _atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
 
 
+def build_site_profiles(bank: SliceBank, output_dir: Path | None = None, *, vgg=None, device: str = "cpu") -> dict:
+    """A target profile for every (site, modality) of the bank, saved under ``output_dir/profiles``.
+
+    Profiles already on disk (from an interrupted run) are reused.
+    """
+    from ..harmonize.profile import TargetProfile, build_target_profile, profile_filename
+
+    profiles = {}
+    for modality in bank.modalities:
+        for site in bank.sites:
+            vols = bank.volumes_of(site, modality)
+            if not vols:
+                continue
+            path = output_dir / "profiles" / profile_filename(site, modality) if output_dir else None
+            if path is not None and path.is_file():
+                profiles[site, modality] = TargetProfile.load(path)
+                continue
+            LOGGER.info("profile of site %s, %s from %d volumes", site, modality, len(vols))
+            profile = build_target_profile(
+                [(v.data, v.mask, v.scale, f"sub-{v.subject}") for v in vols],
+                site=site, modality=modality, vgg=vgg, device=device,
+            )
+            if path is not None:
+                profile.save(path)
+            profiles[site, modality] = profile
+    return profiles
+
+
 def train_model(
     bank: SliceBank,
     config: TrainConfig,
@@ -88,17 +117,20 @@ def train_model(
     vgg=None,
     extra_metadata: dict | None = None,
 ) -> TrainResult:
-    """Train IHF-Harmony on window pairs from ``bank``; write the model to ``output_dir``.
+    """Train IHF-Harmony on windows from ``bank``; write the model and profiles to ``output_dir``.
 
-    A run that finds ``output_dir/train_state.pt`` (and ``resume``) continues from it; on
-    the CPU the resumed run reaches the same state as an uninterrupted one.
+    First a target profile is built for every (site, modality) (they are the model's
+    targets at inference, so they are written beside it); then each step harmonizes source
+    windows towards another site's profile at the same slice position. A run that finds
+    ``output_dir/train_state.pt`` (and ``resume``) continues from it; on the CPU the resumed
+    run reaches the same state as an uninterrupted one.
     """
     import torch
 
     from ..harmonize.device import resolve_device
-    from ..model import FlowConfig, HarmonyLoss, IHFHarmony, load_vgg19, target_embedding, to_vgg_input
+    from ..model import FlowConfig, HarmonyLoss, IHFHarmony, load_vgg19, to_vgg_input
     from ..model.losses import ANATOMY_LAYERS
-    from ..model.vgg import ARTEFACT_LAYERS
+    from ..model.vgg import ARTEFACT_LAYERS, split_embedding
 
     device = resolve_device(config.device)
     output_dir = Path(output_dir)
@@ -109,6 +141,8 @@ def train_model(
     arch = FlowConfig.from_dict(config.architecture) if config.architecture else FlowConfig()
     model = IHFHarmony(arch).to(device)
     vgg = (vgg or load_vgg19()).to(device)
+    profiles = build_site_profiles(bank, output_dir, vgg=vgg, device=device)
+    embeddings = {key: torch.from_numpy(p.embeddings).to(device) for key, p in profiles.items()}
     criterion = HarmonyLoss(**config.loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     use_amp = device.startswith("cuda")
@@ -139,20 +173,18 @@ def train_model(
     model.train()
     t0 = time.monotonic()
     for step in range(start, config.steps):
-        x_np, y_np = bank.sample(rng, config.batch_size)
+        x_np, targets = bank.sample(rng, config.batch_size)
         x = torch.from_numpy(x_np).to(device)
-        y = torch.from_numpy(y_np).to(device)
+        z_s = torch.stack([embeddings[site, modality][k] for site, modality, k in targets])
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             with torch.no_grad():
-                z_s = target_embedding(vgg, y)
-                target_feats = vgg(to_vgg_input(y), ARTEFACT_LAYERS)
                 source_feats = vgg(to_vgg_input(x), ANATOMY_LAYERS)
             x_hat = model(x, z_s)
             output_feats = vgg(to_vgg_input(x_hat), features_layers)
         loss, parts = criterion(
             {k: v.float() for k, v in source_feats.items()},
             {k: v.float() for k, v in output_feats.items()},
-            {k: v.float() for k, v in target_feats.items()},
+            split_embedding(z_s),
             generator=loss_generator,
         )
         optimizer.zero_grad(set_to_none=True)
@@ -192,4 +224,4 @@ def train_model(
     }
     metadata["training"].pop("architecture", None)
     save_model(model, output_dir, metadata)
-    return TrainResult(model=model, history=history, model_dir=output_dir, device=device)
+    return TrainResult(model=model, history=history, model_dir=output_dir, device=device, profiles=profiles)
