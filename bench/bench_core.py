@@ -3,7 +3,7 @@ model's round-trip error, and inference time and peak memory for a 1 mm volume.
 
 Usage (the figures in docs/benchmark-core.md came from the command recorded there)::
 
-    .venv/bin/python bench/bench_core.py --size small --subjects 8 --test-subjects 3 --steps 1500
+    .venv/bin/python bench/bench_core.py --size tiny --subjects 8 --test-subjects 3 --steps 2000 --batch-size 16
 
 Writes docs/benchmark-core.json and docs/benchmark-core.md (override with --out-prefix).
 """
@@ -149,15 +149,15 @@ def write_markdown(path: Path, result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ihf_bids.demo import ExperimentConfig, run_phantom_experiment
+    from ihf_bids.demo import ExperimentConfig, run_phantom_experiment, to_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--test-subjects", type=int, default=3)
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "_runs" / "core")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": time.monotonic() - t0,
     }
     args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    args.out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    args.out_prefix.with_suffix(".json").write_text(to_json(result))
     write_markdown(args.out_prefix.with_suffix(".md"), result)
     print(args.out_prefix.with_suffix(".md").read_text())
     return 0

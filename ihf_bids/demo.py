@@ -37,7 +37,7 @@ class ExperimentConfig:
     n_sites: int = 3
     target_site: str | None = None  # default: the first site
     seed: int = 0
-    steps: int = 150
+    steps: int = 300
     batch_size: int = 8
     learning_rate: float = 1e-3
     dwi_volumes_per_run: int = 6  # per shell, for training and profiles
@@ -82,10 +82,13 @@ def load_phantom_scans(dataset, subjects, *, dwi_volumes_per_run: int | None = N
                     continue
                 data = _load(path)
                 bvals = np.loadtxt(str(path).replace(".nii.gz", ".bval"), ndmin=1)
-                scale = robust_intensity_scale(b0_mean(data, bvals), dwi_mask).scale
+                b0_mean(data, bvals)  # checks that the run has a b=0 volume
                 labels = np.array(shell_labels(bvals))
                 for shell in dict.fromkeys(labels):
                     idx = np.flatnonzero(labels == shell)
+                    # One scale per shell and run (of the shell's mean image): directional
+                    # signal ratios within the shell stay physical.
+                    scale = robust_intensity_scale(data[..., idx].mean(axis=3), dwi_mask).scale
                     if dwi_volumes_per_run is not None:
                         idx = idx[_spread(idx.size, dwi_volumes_per_run)]
                     scans.append(Scan(subject, site, f"dwi-{shell}", data[..., idx], dwi_mask, scale))
@@ -100,13 +103,16 @@ def _scale(scan):
     return robust_intensity_scale(scan.volume_list[0], scan.mask)
 
 
-def _harmonizers(model, profiles: dict, quantiles: dict, device: str) -> dict:
-    """The three compared methods, each mapping a scan to harmonized volumes."""
+def _harmonizers(model, profiles: dict, target: str, quantiles: dict, device: str) -> dict:
+    """The three compared methods, each mapping a scan to harmonized volumes.
+
+    ``profiles`` maps (site, modality) to every site's profile; ``target`` is the target site.
+    """
     from .harmonize import harmonize_volume, histogram_match_to_quantiles
 
     def unharmonized(scan):
-        # Only the linear intensity scale is moved onto the target's: no harmonization.
-        factor = profiles[scan.modality].intensity_scale / _scale(scan).scale
+        # Only the linear intensity scale moves, by the ratio of the sites' typical scales.
+        factor = profiles[target, scan.modality].intensity_scale / profiles[scan.site, scan.modality].intensity_scale
         return [v * factor for v in scan.volume_list]
 
     def histogram_matching(scan):
@@ -114,7 +120,10 @@ def _harmonizers(model, profiles: dict, quantiles: dict, device: str) -> dict:
 
     def ihf(scan):
         return [
-            harmonize_volume(v, model, profiles[scan.modality], mask=scan.mask, source_scale=_scale(scan), device=device)
+            harmonize_volume(
+                v, model, profiles[target, scan.modality], source_profile=profiles[scan.site, scan.modality],
+                mask=scan.mask, source_scale=_scale(scan), device=device,
+            )
             for v in scan.volume_list
         ]
 
@@ -180,17 +189,17 @@ def run_phantom_experiment(config: ExperimentConfig, workdir: str | Path, *, pro
     result = train_model(bank, train_config, model_dir, progress=progress, vgg=vgg)
     timings["profiles_and_training_s"] = time.monotonic() - t
 
-    # The model directory holds a profile for every site; the target's are the harmonization targets.
-    profiles = {m: p for (site, m), p in result.profiles.items() if site == target}
+    # The model directory holds a profile for every site and modality (built from the
+    # training subjects); the target site's quantiles are the histogram-matching reference.
     quantiles = {
         m: np.mean([intensity_quantiles(v, s.mask) for s in train_scans if (s.site, s.modality) == (target, m) for v in s.volume_list], axis=0)
-        for m in profiles
+        for m in bank.modalities
     }
 
     t = time.monotonic()
     test_scans = load_phantom_scans(dataset, test_subjects, dwi_volumes_per_run=config.eval_dwi_volumes_per_run)
     torch.set_grad_enabled(False)
-    rows = evaluate_traveling_subjects(test_scans, target, _harmonizers(result.model, profiles, quantiles, device))
+    rows = evaluate_traveling_subjects(test_scans, target, _harmonizers(result.model, result.profiles, target, quantiles, device))
     torch.set_grad_enabled(True)
     timings["evaluation_s"] = time.monotonic() - t
 
@@ -210,6 +219,21 @@ def run_phantom_experiment(config: ExperimentConfig, workdir: str | Path, *, pro
         "model_dir": str(model_dir),
         "dataset": dataset,  # the PhantomDataset (not JSON-serialisable)
     }
+
+
+def to_json(data) -> str:
+    """Strict JSON (infinite PSNR becomes the string "inf")."""
+
+    def clean(value):
+        if isinstance(value, float) and not np.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, allow_nan=False, default=str) + "\n"
 
 
 def format_summary(summary: list[dict]) -> str:
@@ -239,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=5)
     parser.add_argument("--test-subjects", type=int, default=2)
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = run_phantom_experiment(config, args.output_dir)
     result.pop("dataset")
-    (args.output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.output_dir / "results.json").write_text(to_json(result))
     table = format_summary(result["summary"])
     (args.output_dir / "results.md").write_text(table + "\n")
     print(f"\nHeld-out subjects harmonized to site '{result['target_site']}' (inside the brain):\n")

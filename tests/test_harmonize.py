@@ -92,3 +92,18 @@ def test_harmonize_volume_rejects_bad_input():
     with pytest.raises(ValueError, match="3D"):
         harmonize_volume(np.ones((8, 8, 4, 2), np.float32), IHFHarmony(), profile)
     assert IntensityScale(2.0).denormalize(np.array([-3.0]))[0] == 0.0
+
+
+def test_single_reference_image_as_target():
+    """A profile of one image; without a source-site profile the volume's own statistics stand in."""
+    rng = np.random.default_rng(3)
+    reference = np.zeros((20, 24, 6), np.float32)
+    reference[3:17, 4:20] = rng.random((14, 16, 6)) * 500 + 100
+    source = np.zeros_like(reference)
+    source[3:17, 4:20] = rng.random((14, 16, 6)) * 50 + 10
+    profile = build_target_profile([(reference, reference > 0, None, "ref")], site="reference", modality="T2w")
+    assert profile.n_volumes == 1
+    out = harmonize_volume(source, IHFHarmony(), profile, mask=source > 0)
+    # The untrained network changes nothing but the scale, which becomes the reference's.
+    assert np.percentile(out[source > 0], 99.5) == pytest.approx(profile.intensity_scale, rel=0.02)
+    assert (out[source == 0] == 0).all()

@@ -9,9 +9,20 @@ import pytest
 import torch
 
 from ihf_bids.harmonize import CheckpointError, load_model, save_model
-from ihf_bids.model import FlowConfig, HarmonyLoss, IHFHarmony, LevelConfig, load_vgg19, to_vgg_input
+from ihf_bids.model import (
+    FlowConfig,
+    HarmonyLoss,
+    IHFHarmony,
+    LevelConfig,
+    channel_statistics,
+    load_vgg19,
+    restore_background,
+    shifted_statistics,
+    site_shift,
+    to_vgg_input,
+)
 from ihf_bids.model.losses import ANATOMY_LAYERS
-from ihf_bids.model.vgg import ARTEFACT_LAYERS, split_embedding
+from ihf_bids.model.vgg import ARTEFACT_LAYERS
 from ihf_bids.train import SliceBank, TrainConfig, TrainingVolume, build_site_profiles, train_model
 
 SMALL_ARCH = FlowConfig(levels=(LevelConfig(2, 8), LevelConfig(2, 16)), embedding_hidden=32).to_dict()
@@ -54,29 +65,38 @@ def vgg():
 
 
 def _fixed_batch_loss(model, vgg, bank, profiles) -> float:
-    x_np, targets = bank.sample(np.random.default_rng(123), 16)
+    """The training objective on one fixed batch whose targets are the other site."""
+    x_np, samples = bank.sample(np.random.default_rng(123), 16)
     x = torch.from_numpy(x_np)
-    z_s = torch.stack([torch.from_numpy(profiles[site, modality].embeddings[k]) for site, modality, k in targets])
+    other = {"a": "b", "b": "a"}
+    emb = {key: torch.from_numpy(p.embeddings) for key, p in profiles.items()}
+    shift = site_shift(
+        torch.stack([emb[other[s.source_site], s.modality][s.position] for s in samples]),
+        torch.stack([emb[s.source_site, s.modality][s.position] for s in samples]),
+    )
     with torch.no_grad():
-        out = model(x, z_s)
+        source = vgg(to_vgg_input(x), ARTEFACT_LAYERS + ANATOMY_LAYERS)
+        target = shifted_statistics({k: channel_statistics(source[k]) for k in ARTEFACT_LAYERS}, shift)
+        out = restore_background(x, model(x, shift))
         loss, _ = HarmonyLoss()(
-            vgg(to_vgg_input(x), ANATOMY_LAYERS),
+            source,
             vgg(to_vgg_input(out), ARTEFACT_LAYERS + ANATOMY_LAYERS),
-            split_embedding(z_s),
+            target,
             generator=torch.Generator().manual_seed(0),
         )
     return float(loss)
 
 
 def test_slice_bank_draws_targets_at_same_position(bank):
-    x, targets = bank.sample(np.random.default_rng(0), 40)
+    x, samples = bank.sample(np.random.default_rng(0), 40)
     assert x.shape == (40, 3, 24, 28)
     same_site = 0
-    for window, (site, modality, k) in zip(x, targets):
-        # The window is slice k of some volume: the target is at the same position.
-        source = next(i for i, v in enumerate(bank.volumes) if np.array_equal(bank.window(i, k), window))
-        assert modality == "T1w" and site in ("a", "b")
-        same_site += bank.volumes[source].site == site
+    for window, sample in zip(x, samples):
+        # The window is slice `position` of a volume of the source site.
+        source = next(i for i, v in enumerate(bank.volumes) if np.array_equal(bank.window(i, sample.position), window))
+        assert bank.volumes[source].site == sample.source_site
+        assert sample.modality == "T1w" and sample.target_site in ("a", "b")
+        same_site += sample.source_site == sample.target_site
     assert 0 < same_site < 40, "targets include the source's own site and the other one"
     assert bank.sites == ["a", "b"]
     assert bank.summary()["volumes"] == {"T1w": {"a": 3, "b": 3}}
@@ -162,3 +182,25 @@ def test_checkpoint_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match="not an ihf-bids checkpoint"):
         load_model(plain, expected_sha256=sha256sum(plain))
+
+
+def test_training_presets_load():
+    from pathlib import Path
+
+    from ihf_bids.train import load_train_preset
+
+    presets = sorted((Path(__file__).parents[1] / "pipelines" / "training").glob("*.toml"))
+    assert presets, "pipelines/training holds at least one preset"
+    for path in presets:
+        config = load_train_preset(path)
+        assert config.steps > 0 and config.batch_size > 0
+        FlowConfig.from_dict(config.architecture)
+
+
+def test_training_preset_rejects_unknown_keys(tmp_path):
+    from ihf_bids.train import load_train_preset
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 3\nlearnig_rate = 0.1\n")
+    with pytest.raises(ValueError, match="unknown training settings"):
+        load_train_preset(bad)

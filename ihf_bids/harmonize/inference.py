@@ -7,7 +7,21 @@ import numpy as np
 from .profile import TargetProfile
 from .volume import IntensityScale, robust_intensity_scale, volume_to_windows, windows_to_volume
 
-__all__ = ["harmonize_volume"]
+__all__ = ["harmonize_volume", "source_embeddings"]
+
+
+def source_embeddings(windows: np.ndarray, vgg=None, *, batch_size: int = 8, device: str = "cpu") -> np.ndarray:
+    """The target embedding of each source window itself (the source's own statistics)."""
+    import torch
+
+    from ..model.vgg import load_vgg19, target_embedding
+
+    vgg = (vgg or load_vgg19()).to(device)
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            parts.append(target_embedding(vgg, torch.from_numpy(windows[start : start + batch_size]).to(device)).cpu().numpy())
+    return np.concatenate(parts).astype(np.float32)
 
 
 def harmonize_volume(
@@ -15,10 +29,12 @@ def harmonize_volume(
     model,
     profile: TargetProfile,
     *,
+    source_profile: TargetProfile | None = None,
     mask: np.ndarray | None = None,
     source_scale: IntensityScale | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    vgg=None,
 ) -> np.ndarray:
     """Move a 3D volume's contrast to the profile's site, keeping its anatomy.
 
@@ -30,6 +46,13 @@ def harmonize_volume(
         A trained network (see :func:`~ihf_bids.harmonize.checkpoint.load_model`).
     profile : TargetProfile
         The target site's statistics for this modality (or DWI shell).
+    source_profile : TargetProfile, optional
+        The source site's profile (same modality). The network is conditioned on the site
+        shift between the two profiles at each slice position; the same site gives a zero
+        shift and leaves the image unchanged. Without it (a site never profiled, or a single
+        reference image as target), the source volume's own statistics stand in for its
+        site's, which costs a VGG19 pass over the volume and also moves the subject's
+        anatomy-driven statistics towards the target's (docs/model.md).
     mask : ndarray, optional
         Brain mask used to compute the source's intensity scale.
     source_scale : IntensityScale, optional
@@ -38,13 +61,19 @@ def harmonize_volume(
         Windows per forward pass.
     device : str
         ``cpu`` or ``cuda``; on CUDA the pass runs in float16 autocast.
+    vgg : VGG19Features, optional
+        Reused when ``source_profile`` is None.
 
     Returns
     -------
     ndarray (X, Y, Z), float32
-        The harmonized image on the target site's intensity scale.
+        The harmonized image on the target site's intensity scale: the source's own scale
+        times the ratio of the target and source sites' typical scales (with a source
+        profile), or the target profile's scale (without one).
     """
     import torch
+
+    from ..model import restore_background, site_shift
 
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim != 3:
@@ -53,7 +82,14 @@ def harmonize_volume(
         raise ValueError("the volume contains NaN or infinite voxels")
     scale = source_scale or robust_intensity_scale(vol, mask)
     windows = volume_to_windows(scale.normalize(vol), model.config.size_multiple)
-    embeddings = profile.embeddings_for(vol.shape[2]).astype(np.float32)
+    target = torch.from_numpy(profile.embeddings_for(vol.shape[2]).astype(np.float32))
+    if source_profile is not None:
+        if source_profile.modality != profile.modality:
+            raise ValueError(f"source profile is {source_profile.modality}, target profile {profile.modality}")
+        source = torch.from_numpy(source_profile.embeddings_for(vol.shape[2]).astype(np.float32))
+    else:
+        source = torch.from_numpy(source_embeddings(windows, vgg, batch_size=batch_size, device=device))
+    shift = site_shift(target, source).to(device)
     model = model.to(device).eval()
     out = np.empty_like(windows)
     use_amp = device.startswith("cuda")
@@ -61,7 +97,12 @@ def harmonize_volume(
         for start in range(0, len(windows), batch_size):
             stop = start + batch_size
             x = torch.from_numpy(windows[start:stop]).to(device)
-            e = torch.from_numpy(embeddings[start:stop]).to(device)
-            out[start:stop] = model(x, e).float().cpu().numpy()
+            out[start:stop] = restore_background(x, model(x, shift[start:stop])).float().cpu().numpy()
     harmonized = windows_to_volume(np.clip(out, -1.0, 1.0), vol.shape)
-    return IntensityScale(profile.intensity_scale).denormalize(harmonized)
+    # The output scale follows the same relative rule as the statistics: the source's own
+    # scale moved by the ratio of the two sites' typical scales (unchanged for the same site).
+    if source_profile is not None:
+        out_scale = scale.scale * profile.intensity_scale / source_profile.intensity_scale
+    else:
+        out_scale = profile.intensity_scale
+    return IntensityScale(out_scale).denormalize(harmonized)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from .flow import AAN, FlowConfig, IHFBlock, IHFHarmony, LevelConfig, squeeze, unsqueeze
+from .flow import AAN, FlowConfig, IHFBlock, IHFHarmony, LevelConfig, restore_background, squeeze, unsqueeze
 from .losses import HarmonyLoss, artefact_consistency_loss, spatial_correlative_loss
-from .vgg import VGG19Features, channel_statistics, load_vgg19, target_embedding, to_vgg_input
+from .vgg import (
+    VGG19Features,
+    channel_statistics,
+    load_vgg19,
+    shifted_statistics,
+    site_shift,
+    split_embedding,
+    target_embedding,
+    to_vgg_input,
+)
 
 __all__ = [
     "AAN",
@@ -17,6 +26,10 @@ __all__ = [
     "artefact_consistency_loss",
     "channel_statistics",
     "load_vgg19",
+    "restore_background",
+    "shifted_statistics",
+    "site_shift",
+    "split_embedding",
     "spatial_correlative_loss",
     "squeeze",
     "target_embedding",

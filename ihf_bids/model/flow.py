@@ -19,7 +19,19 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["AAN", "FlowConfig", "IHFBlock", "IHFHarmony", "LevelConfig", "squeeze", "unsqueeze"]
+__all__ = [
+    "AAN",
+    "FlowConfig",
+    "IHFBlock",
+    "IHFHarmony",
+    "LevelConfig",
+    "restore_background",
+    "squeeze",
+    "unsqueeze",
+]
+
+#: Normalized intensity of background (0 in physical units).
+BACKGROUND = -1.0
 
 #: Size of the target embedding z_s: mean and std of VGG19 relu1_1..relu4_1.
 TARGET_EMBEDDING_SIZE = 2 * (64 + 128 + 256 + 512)
@@ -147,11 +159,13 @@ class AAN(nn.Module):
     """Artefact-aware normalization.
 
     ``z_hat = (z - mean(z)) / std(z) * AGA_sigma + AGA_mu`` per channel. A projection module
-    embeds the target statistics z_s, a content head embeds the source z (its channel means
-    and log standard deviations); two parallel linear heads on their concatenation predict
-    AGA_sigma and AGA_mu. The heads are parameterised around the source's own statistics,
-    ``AGA_sigma = std(z) * exp(s)`` (s softly bounded to +-4), ``AGA_mu = mean(z) + m``, and start at zero, so an
-    untrained AAN is the identity and training starts from lossless reconstruction.
+    embeds the target conditioning (1920 numbers derived from VGG19 statistics: the site
+    shift of :func:`~ihf_bids.model.vgg.site_shift`), a content head embeds the source z
+    (its channel means and log standard deviations); two parallel linear heads on their
+    concatenation predict AGA_sigma and AGA_mu. The heads are parameterised around the
+    source's own statistics, ``AGA_sigma = std(z) * exp(s)`` (s softly bounded to +-4),
+    ``AGA_mu = mean(z) + m``, and start at zero, so an untrained AAN is the identity and
+    training starts from lossless reconstruction.
     """
 
     def __init__(self, channels: int, embedding_size: int = TARGET_EMBEDDING_SIZE, hidden: int = 128) -> None:
@@ -170,8 +184,7 @@ class AAN(nn.Module):
         mean = z.mean(dim=(2, 3), keepdim=True)
         std = (z.var(dim=(2, 3), keepdim=True, unbiased=False) + eps).sqrt()
         content = self.content_head(torch.cat([mean.flatten(1), std.flatten(1).log()], dim=1))
-        # log1p compresses the wide range of VGG statistics (0 to a few hundred).
-        style = self.projection(torch.log1p(target_embedding.clamp_min(0)))
+        style = self.projection(target_embedding)
         joint = torch.cat([style, content], dim=1)
         # The log-scale is bounded softly to +-4 (a factor of ~55) so no target can overflow it.
         log_scale = 4.0 * torch.tanh(self.sigma_head(joint) / 4.0)
@@ -232,6 +245,16 @@ class IHFHarmony(nn.Module):
         return z
 
     def forward(self, x: torch.Tensor, target_embedding: torch.Tensor) -> torch.Tensor:
-        """Harmonize windows ``x`` (B, 3, H, W) in [-1, 1] towards the target statistics (B, 1920)."""
+        """Harmonize windows ``x`` (B, 3, H, W) in [-1, 1] given the target conditioning (B, 1920)."""
         z, cache = self.encode(x)
         return self.decode(z, cache, target_embedding)
+
+
+def restore_background(x: torch.Tensor, x_hat: torch.Tensor, tolerance: float = 1e-4) -> torch.Tensor:
+    """Keep the background of the (brain-extracted) input: harmonization acts on tissue only.
+
+    Voxels at the background value (-1, i.e. 0 before normalization) stay exactly there, so
+    the network cannot move statistics by painting the background.
+    """
+    background = x <= BACKGROUND + tolerance
+    return torch.where(background, x, x_hat)

@@ -134,16 +134,16 @@ class HarmonyLoss:
         The paper's weights (1 and 2).
     keep_fraction : float
         k of the artefact loss (0.9).
-    feature_scale : float
-        VGG activations on caffe-scaled input are large (tens to hundreds); statistics are
-        divided by this constant before the artefact loss so the paper's weights balance
-        the two terms (measured in docs/model.md).
+    feature_scale : tuple of float
+        Per artefact layer, the typical channel mean of VGG19 on brain windows (caffe-scaled
+        input gives tens to hundreds, measured in docs/model.md); statistics are divided by
+        it so every layer counts alike and the paper's weights balance the two terms.
     """
 
     lambda_ac: float = 1.0
     lambda_art: float = 2.0
     keep_fraction: float = 0.9
-    feature_scale: float = 100.0
+    feature_scale: tuple[float, ...] = (30.0, 170.0, 200.0)
     num_queries: int = 256
 
     def __call__(
@@ -173,11 +173,11 @@ class HarmonyLoss:
         ) / len(ANATOMY_LAYERS)
         l_art = sum(
             artefact_consistency_loss(
-                tuple(s / self.feature_scale for s in channel_statistics(output_features[layer])),
-                tuple(s / self.feature_scale for s in target_statistics[layer]),
+                tuple(s / scale for s in channel_statistics(output_features[layer])),
+                tuple(s / scale for s in target_statistics[layer]),
                 self.keep_fraction,
             )
-            for layer in ARTEFACT_LAYERS
+            for layer, scale in zip(ARTEFACT_LAYERS, self.feature_scale)
         )
         total = self.lambda_ac * l_ac + self.lambda_art * l_art
         return total, {"loss": float(total.detach()), "anatomy": float(l_ac.detach()), "artefact": float(l_art.detach())}

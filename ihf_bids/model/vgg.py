@@ -25,7 +25,9 @@ __all__ = [
     "VGG19Features",
     "channel_statistics",
     "load_vgg19",
+    "shifted_statistics",
     "shipped_vgg19_weights_path",
+    "site_shift",
     "split_embedding",
     "target_embedding",
     "to_vgg_input",
@@ -196,4 +198,35 @@ def split_embedding(embedding: torch.Tensor) -> dict[str, tuple[torch.Tensor, to
     for layer, channels in zip(PROFILE_LAYERS, (64, 128, 256, 512)):
         out[layer] = (embedding[:, start : start + channels], embedding[:, start + channels : start + 2 * channels])
         start += 2 * channels
+    return out
+
+
+#: Offset that keeps logarithms of (non-negative) ReLU statistics finite.
+_LOG_OFFSET = 1.0
+
+
+def site_shift(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The site effect between two target embeddings as a log-ratio, (B, 1920).
+
+    ``log(target + 1) - log(source + 1)`` elementwise: zero when source and target are the
+    same site; the conditioning input of the network (see docs/model.md).
+    """
+    return torch.log(target.clamp_min(0) + _LOG_OFFSET) - torch.log(source.clamp_min(0) + _LOG_OFFSET)
+
+
+def shifted_statistics(
+    statistics: dict[str, tuple[torch.Tensor, torch.Tensor]], shift: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Apply a :func:`site_shift` to per-layer (mean, std) statistics of a source window.
+
+    The result estimates the statistics the same window would have at the target site.
+    """
+    parts = split_embedding(shift)
+    out = {}
+    for layer, (mean, std) in statistics.items():
+        d_mean, d_std = parts[layer]
+        out[layer] = (
+            (mean + _LOG_OFFSET) * torch.exp(d_mean) - _LOG_OFFSET,
+            (std + _LOG_OFFSET) * torch.exp(d_std) - _LOG_OFFSET,
+        )
     return out

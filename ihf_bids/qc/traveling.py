@@ -105,7 +105,10 @@ def summarize_rows(rows: list[dict], metrics: tuple[str, ...] = ("rmse", "psnr",
         entry = {"modality": modality, "same_site": same_site, "method": method, "n": len(members)}
         for m in metrics:
             values = np.array([r[m] for r in members], dtype=float)
-            entry[m] = float(values.mean())
-            entry[f"{m}_sd"] = float(values.std())
+            finite = values[np.isfinite(values)]
+            # PSNR is +inf for an unchanged image (same-site, no harmonization): the mean is
+            # then inf, and the spread is that of the finite values.
+            entry[m] = float(values.mean()) if finite.size == values.size else float("inf")
+            entry[f"{m}_sd"] = float(finite.std()) if finite.size else 0.0
         out.append(entry)
     return out

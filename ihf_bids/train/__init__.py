@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 from .data import SliceBank, TrainingVolume
-from .loop import TrainConfig, TrainResult, build_site_profiles, train_model
+from .loop import TrainConfig, TrainResult, build_site_profiles, load_train_preset, train_model
 
-__all__ = ["SliceBank", "TrainConfig", "TrainResult", "TrainingVolume", "build_site_profiles", "train_model"]
+__all__ = [
+    "SliceBank",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingVolume",
+    "build_site_profiles",
+    "load_train_preset",
+    "train_model",
+]

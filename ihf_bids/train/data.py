@@ -1,21 +1,31 @@
 """Site-labelled 2.5D slices for unpaired training.
 
-Each training sample is a source window x and a target: another site that has the same
-modality, at the same template slice position (all volumes are in the template space).
-The training loop takes the target's statistics from that site's profile at that position,
-exactly as inference does.
+Each training sample is a source window x, its site, a target site that has the same
+modality (the source's own site included) and the window's template slice position (all
+volumes are in the template space). The training loop turns the two sites' profiles at that
+position into the site shift that conditions the network, exactly as inference does.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from ..harmonize.volume import IntensityScale, pad_to_multiple, robust_intensity_scale
 
-__all__ = ["SliceBank", "TrainingVolume"]
+__all__ = ["SliceBank", "TrainingSample", "TrainingVolume"]
+
+
+class TrainingSample(NamedTuple):
+    """Where a drawn source window comes from and which site it is harmonized to."""
+
+    source_site: str
+    target_site: str
+    modality: str
+    position: int
 
 
 @dataclass
@@ -111,8 +121,8 @@ class SliceBank:
         """The bank's volumes of one site and modality (e.g. to build its profile)."""
         return [self.volumes[i] for i in self._groups.get(modality, {}).get(site, [])]
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, list[tuple[str, str, int]]]:
-        """Draw ``batch_size`` source windows, each with a target (site, modality, slice position).
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, list[TrainingSample]]:
+        """Draw ``batch_size`` source windows, each with its :class:`TrainingSample`.
 
         The target site is drawn among all sites that have the source's modality, the
         source's own included: harmonizing a scan to its own site must leave it unchanged,
@@ -124,5 +134,5 @@ class SliceBank:
             vol = self.volumes[i]
             sites = sorted(self._groups[vol.modality])
             xs.append(self.window(i, k))
-            targets.append((sites[rng.integers(len(sites))], vol.modality, int(k)))
+            targets.append(TrainingSample(vol.site, sites[rng.integers(len(sites))], vol.modality, int(k)))
         return np.stack(xs), targets

@@ -15,7 +15,7 @@ import numpy as np
 from ..harmonize.checkpoint import _atomic_write_bytes, save_model
 from .data import SliceBank
 
-__all__ = ["TrainConfig", "TrainResult", "build_site_profiles", "train_model"]
+__all__ = ["TrainConfig", "TrainResult", "build_site_profiles", "load_train_preset", "train_model"]
 
 LOGGER = logging.getLogger("ihf_bids.train")
 STATE_FILE = "train_state.pt"
@@ -51,6 +51,24 @@ class TrainConfig:
     device: str = "auto"
     architecture: dict | None = None
     loss: dict = field(default_factory=dict)
+
+
+def load_train_preset(path: str | Path) -> TrainConfig:
+    """Read a training preset (TOML with a ``[train]`` table of :class:`TrainConfig` fields).
+
+    Presets live in ``pipelines/training/``. Unknown keys raise ``ValueError``.
+    """
+    import tomllib
+
+    with open(path, "rb") as handle:
+        table = tomllib.load(handle).get("train")
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: no [train] table")
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = set(table) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+    return TrainConfig(**table)
 
 
 @dataclass
@@ -119,18 +137,30 @@ def train_model(
 ) -> TrainResult:
     """Train IHF-Harmony on windows from ``bank``; write the model and profiles to ``output_dir``.
 
-    First a target profile is built for every (site, modality) (they are the model's
-    targets at inference, so they are written beside it); then each step harmonizes source
-    windows towards another site's profile at the same slice position. A run that finds
+    First a profile is built for every (site, modality) (they are the model's targets at
+    inference, so they are written beside it). Each step then draws source windows and
+    target sites; the conditioning is the site shift between the target's and the source
+    site's profiles at the window's position, and the artefact loss asks the output for the
+    source window's own statistics moved by that shift (docs/model.md). A run that finds
     ``output_dir/train_state.pt`` (and ``resume``) continues from it; on the CPU the resumed
     run reaches the same state as an uninterrupted one.
     """
     import torch
 
     from ..harmonize.device import resolve_device
-    from ..model import FlowConfig, HarmonyLoss, IHFHarmony, load_vgg19, to_vgg_input
+    from ..model import (
+        FlowConfig,
+        HarmonyLoss,
+        IHFHarmony,
+        channel_statistics,
+        load_vgg19,
+        restore_background,
+        shifted_statistics,
+        site_shift,
+        to_vgg_input,
+    )
     from ..model.losses import ANATOMY_LAYERS
-    from ..model.vgg import ARTEFACT_LAYERS, split_embedding
+    from ..model.vgg import ARTEFACT_LAYERS
 
     device = resolve_device(config.device)
     output_dir = Path(output_dir)
@@ -173,18 +203,24 @@ def train_model(
     model.train()
     t0 = time.monotonic()
     for step in range(start, config.steps):
-        x_np, targets = bank.sample(rng, config.batch_size)
+        x_np, samples = bank.sample(rng, config.batch_size)
         x = torch.from_numpy(x_np).to(device)
-        z_s = torch.stack([embeddings[site, modality][k] for site, modality, k in targets])
+        shift = site_shift(
+            torch.stack([embeddings[s.target_site, s.modality][s.position] for s in samples]),
+            torch.stack([embeddings[s.source_site, s.modality][s.position] for s in samples]),
+        )
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             with torch.no_grad():
-                source_feats = vgg(to_vgg_input(x), ANATOMY_LAYERS)
-            x_hat = model(x, z_s)
+                source_feats = {k: v.float() for k, v in vgg(to_vgg_input(x), features_layers).items()}
+                target_stats = shifted_statistics(
+                    {layer: channel_statistics(source_feats[layer]) for layer in ARTEFACT_LAYERS}, shift
+                )
+            x_hat = restore_background(x, model(x, shift))
             output_feats = vgg(to_vgg_input(x_hat), features_layers)
         loss, parts = criterion(
-            {k: v.float() for k, v in source_feats.items()},
+            source_feats,
             {k: v.float() for k, v in output_feats.items()},
-            split_embedding(z_s),
+            target_stats,
             generator=loss_generator,
         )
         optimizer.zero_grad(set_to_none=True)
