@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,11 +62,11 @@ def _spread(n: int, k: int) -> np.ndarray:
 def load_phantom_scans(dataset, subjects, *, dwi_volumes_per_run: int | None = None):
     """Read a phantom's images as :class:`~ihf_bids.qc.traveling.Scan` objects.
 
-    DWI runs are split into b-shells (``dwi-b0``, ``dwi-b1000``...); every volume of a run
-    shares the run's b=0 intensity scale. ``dwi_volumes_per_run`` keeps that many volumes
+    DWI runs are split into b-shells (``dwi-b0``, ``dwi-b1000``...); the volumes of a shell
+    share one intensity scale (:func:`~ihf_bids.harmonize.dwi.shell_intensity_scales`). ``dwi_volumes_per_run`` keeps that many volumes
     of each shell, spread over the gradient directions (all when None).
     """
-    from .harmonize.volume import robust_intensity_scale
+    from .harmonize.dwi import shell_intensity_scales
     from .preproc.dwi import b0_mean, shell_labels
     from .qc.traveling import Scan
 
@@ -83,15 +84,13 @@ def load_phantom_scans(dataset, subjects, *, dwi_volumes_per_run: int | None = N
                 data = _load(path)
                 bvals = np.loadtxt(str(path).replace(".nii.gz", ".bval"), ndmin=1)
                 b0_mean(data, bvals)  # checks that the run has a b=0 volume
-                labels = np.array(shell_labels(bvals))
-                for shell in dict.fromkeys(labels):
-                    idx = np.flatnonzero(labels == shell)
-                    # One scale per shell and run (of the shell's mean image): directional
-                    # signal ratios within the shell stay physical.
-                    scale = robust_intensity_scale(data[..., idx].mean(axis=3), dwi_mask).scale
+                labels = shell_labels(bvals)
+                scales = shell_intensity_scales(data, labels, dwi_mask)
+                for shell, scale in scales.items():
+                    idx = np.flatnonzero(np.asarray(labels) == shell)
                     if dwi_volumes_per_run is not None:
                         idx = idx[_spread(idx.size, dwi_volumes_per_run)]
-                    scans.append(Scan(subject, site, f"dwi-{shell}", data[..., idx], dwi_mask, scale))
+                    scans.append(Scan(subject, site, f"dwi-{shell}", data[..., idx], dwi_mask, scale.scale))
     return scans
 
 
@@ -168,20 +167,16 @@ def run_phantom_experiment(config: ExperimentConfig, workdir: str | Path, *, pro
         for s in train_scans
         for v in s.volume_list
     ]
-    # Volumes of one bank share a grid: DWI can be on a coarser grid than the anatomy.
-    banks: dict[tuple, list] = {}
-    for vol in volumes:
-        banks.setdefault(vol.data.shape, []).append(vol)
+    try:
+        bank = SliceBank(volumes)
+    except ValueError as err:  # at size 1mm, DWI lives on a coarser grid than the anatomy
+        raise ValueError(f"{err}; run the phantom experiment at size 'tiny' or 'small'") from err
     vgg = load_vgg19()
     t = time.monotonic()
     model_dir = workdir / "model"
-    if len(banks) == 1:
-        bank = SliceBank(next(iter(banks.values())))
-    else:
-        raise ValueError(
-            "the anatomical and DWI grids differ at this phantom size; train at 'tiny' or 'small', "
-            "where both share one grid"
-        )
+    # An experiment starts from scratch: the phantom was just rewritten, so a model or
+    # profiles left by an earlier run would not belong to it.
+    shutil.rmtree(model_dir, ignore_errors=True)
     train_config = TrainConfig(
         steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed,
         checkpoint_every=max(10, config.steps // 10), device=device, architecture=config.architecture, loss=config.loss,
@@ -244,9 +239,9 @@ def format_summary(summary: list[dict]) -> str:
     ]
     for r in summary:
         case = "same site" if r["same_site"] else "other sites"
+        rmse, psnr, ssim, ms_ssim = (float(r[k]) for k in ("rmse", "psnr", "ssim", "ms_ssim"))  # "inf" from JSON
         lines.append(
-            f"| {r['modality']} | {case} | {r['method']} | {r['n']} | {r['rmse']:.4f} | {r['psnr']:.2f} | "
-            f"{r['ssim']:.4f} | {r['ms_ssim']:.4f} |"
+            f"| {r['modality']} | {case} | {r['method']} | {r['n']} | {rmse:.4f} | {psnr:.2f} | {ssim:.4f} | {ms_ssim:.4f} |"
         )
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["CheckpointError", "load_model", "save_model", "sha256sum"]
+__all__ = ["CheckpointError", "load_model", "save_model", "sha256sum", "write_bytes_atomically"]
 
 FORMAT = "ihf-bids-checkpoint"
 FORMAT_VERSION = 1
@@ -34,7 +34,8 @@ def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, writer) -> None:
+def write_bytes_atomically(path: Path, writer) -> None:
+    """Write ``path`` through ``writer(handle)`` into a temporary sibling, then rename it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -70,11 +71,11 @@ def save_model(model, directory: str | Path, metadata: dict) -> Path:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     model_path = directory / MODEL_FILE
-    _atomic_write_bytes(model_path, lambda handle: torch.save(payload, handle))
+    write_bytes_atomically(model_path, lambda handle: torch.save(payload, handle))
     meta["sha256"] = sha256sum(model_path)
     meta["model_file"] = MODEL_FILE
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(directory / METADATA_FILE, lambda handle: handle.write(text.encode()))
+    write_bytes_atomically(directory / METADATA_FILE, lambda handle: handle.write(text.encode()))
     return directory
 
 

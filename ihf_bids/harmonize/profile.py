@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import write_bytes_atomically
 from .volume import IntensityScale, robust_intensity_scale, volume_to_windows
 
 __all__ = ["TargetProfile", "build_target_profile", "profile_filename"]
@@ -79,9 +80,12 @@ class TargetProfile:
             "n_volumes": self.n_volumes,
             "sources": self.sources,
         }
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, embeddings=self.embeddings.astype(np.float32), metadata=np.array(json.dumps(meta)))
-        tmp.replace(path)
+        write_bytes_atomically(
+            path,
+            lambda handle: np.savez_compressed(
+                handle, embeddings=self.embeddings.astype(np.float32), metadata=np.array(json.dumps(meta))
+            ),
+        )
         return path
 
     @classmethod

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..harmonize.checkpoint import _atomic_write_bytes, save_model
+from ..harmonize.checkpoint import write_bytes_atomically, save_model
 from .data import SliceBank
 
 __all__ = ["TrainConfig", "TrainResult", "build_site_profiles", "load_train_preset", "train_model"]
@@ -94,7 +93,7 @@ def _save_state(path: Path, model, optimizer, scaler, step: int, rng, loss_gener
         "loss_generator": loss_generator.get_state(),
         "history": json.dumps(history),
     }
-    _atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
+    write_bytes_atomically(path, lambda handle: torch.save(payload, handle))
 
 
 def build_site_profiles(bank: SliceBank, output_dir: Path | None = None, *, vgg=None, device: str = "cpu") -> dict:
