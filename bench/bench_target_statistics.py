@@ -102,13 +102,23 @@ def main(argv: list[str] | None = None) -> int:
                         {"subject": subject, "modality": modality, "source_site": site, "candidate": name,
                          "distance": distance(truth, stats, n)}
                     )
+    # Typical channel mean per artefact layer over the brain slices of the held-out scans:
+    # the basis of HarmonyLoss.feature_scale.
+    layer_means = {layer: [] for layer in ARTEFACT_LAYERS}
+    for scan in test_scans.values():
+        stats = split_embedding(embedding(scan))
+        n = stats[ARTEFACT_LAYERS[0]][0].shape[0]
+        for layer in ARTEFACT_LAYERS:
+            layer_means[layer].append(float(stats[layer][0][n // 6 : n - n // 6].mean()))
+    layer_means = {layer: float(np.mean(v)) for layer, v in layer_means.items()}
     summary = {}
     for name in dict.fromkeys(r["candidate"] for r in rows):
         values = np.array([r["distance"] for r in rows if r["candidate"] == name])
         summary[name] = {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()), "n": int(values.size)}
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/bench_target_statistics.py", *(argv or sys.argv[1:])])
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "target_site": target_site,
-              "train_subjects": list(train), "test_subjects": list(test), "summary": summary, "rows": rows}
+              "train_subjects": list(train), "test_subjects": list(test), "summary": summary,
+              "mean_channel_mean_per_layer": layer_means, "rows": rows}
     args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
     args.out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -126,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['mean']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {s['n']} |")
+    lines += [
+        "",
+        "Mean VGG19 channel mean over the brain slices of the held-out scans (caffe-scaled input), the basis "
+        "of the artefact loss's per-layer `feature_scale`: "
+        + ", ".join(f"{layer} {value:.0f}" for layer, value in layer_means.items()) + ".",
+    ]
     args.out_prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -56,7 +56,8 @@ def harmonize_volume(
     mask : ndarray, optional
         Brain mask used to compute the source's intensity scale.
     source_scale : IntensityScale, optional
-        Use this scale instead (DWI: the run's b=0 scale, shared by all its volumes).
+        Use this scale instead (DWI: the shell's scale, shared by all the shell's volumes
+        of the run; see :func:`~ihf_bids.harmonize.dwi.harmonize_dwi`).
     batch_size : int
         Windows per forward pass.
     device : str

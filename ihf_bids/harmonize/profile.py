@@ -126,7 +126,7 @@ def build_target_profile(
     volumes : iterable of (volume, mask, scale, source)
         Reference volumes on a common grid (the template space), their brain masks (or
         None), their intensity scale (None: :func:`robust_intensity_scale`; DWI passes the
-        run's b=0 scale so all shells share it) and an identifier for provenance.
+        shell's scale in its run, shared by the shell's volumes) and an identifier for provenance.
     vgg : VGG19Features, optional
         The frozen VGG19 (loaded from the shipped weights when omitted).
     """

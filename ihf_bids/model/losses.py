@@ -136,7 +136,7 @@ class HarmonyLoss:
         k of the artefact loss (0.9).
     feature_scale : tuple of float
         Per artefact layer, the typical channel mean of VGG19 on brain windows (caffe-scaled
-        input gives tens to hundreds, measured in docs/model.md); statistics are divided by
+        input gives tens to hundreds, measured in docs/benchmark-target-statistics.md); statistics are divided by
         it so every layer counts alike and the paper's weights balance the two terms.
     """
 

@@ -31,7 +31,7 @@ class Scan:
     mask : ndarray
         Brain mask (bool) on the same grid.
     scale : float, optional
-        Intensity scale shared by all volumes (DWI: the run's b=0 scale).
+        Intensity scale shared by all volumes (DWI: the shell's scale in its run).
     """
 
     subject: str

@@ -41,7 +41,8 @@ class TrainingVolume:
     mask : ndarray, optional
         Brain mask (intensity scale and the choice of slices with brain).
     scale : IntensityScale, optional
-        Override of the volume's own scale (DWI: the run's b=0 scale).
+        Override of the volume's own scale (DWI: the shell's scale in its run, see
+        :func:`~ihf_bids.harmonize.dwi.shell_intensity_scales`).
     """
 
     data: np.ndarray

@@ -194,7 +194,7 @@ def train_model(
         LOGGER.info("resuming training from step %d (%s)", start, state_path)
 
     features_layers = tuple(dict.fromkeys(ARTEFACT_LAYERS + ANATOMY_LAYERS))
-    bar = None
+    bar = None  # a progress bar on a terminal; plain log lines otherwise
     if progress:
         from tqdm.auto import tqdm
 
@@ -237,7 +237,8 @@ def train_model(
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
         if (step + 1) % max(1, config.checkpoint_every) == 0 or step + 1 == config.steps:
             _save_state(state_path, model, optimizer, scaler, step + 1, rng, loss_generator, history)
-        if not (bar is not None and not bar.disable) and ((step + 1) % 10 == 0 or step + 1 == config.steps):
+        log_lines = bar is None or bar.disable
+        if log_lines and ((step + 1) % 10 == 0 or step + 1 == config.steps):
             elapsed = time.monotonic() - t0
             done = step + 1 - start
             eta = elapsed / done * (config.steps - step - 1)
