@@ -1,0 +1,119 @@
+"""``group --train``: train IHF-Harmony on the preprocessed participants of an output tree."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import WorkflowBuildError
+from ..harmonize.model_dir import ModelDirectory, group_of
+from ..templates import TEMPLATE_SPACE
+from .data import TrainingVolume
+
+__all__ = ["collect_training_volumes", "train_cohort_models"]
+
+LOGGER = logging.getLogger("ihf_bids.train")
+
+
+def _entities(path: Path) -> dict[str, str]:
+    parts = path.name.split("_")
+    return dict(p.split("-", 1) for p in parts[:-1] if "-" in p)
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T1w", "T2w", "dwi"),
+                             ) -> dict[str, list[TrainingVolume]]:
+    """Template-space preprocessed images of every participant, grouped by network ("anat", "dwi").
+
+    Sites come from the ``Site`` field of each image's sidecar (written by the participant
+    level). DWI runs are split into b-shell volumes that share their shell's intensity scale.
+    """
+    from ..harmonize.dwi import shell_intensity_scales
+    from ..preproc.dwi import shell_labels
+
+    groups: dict[str, list[TrainingVolume]] = {}
+    for modality in modalities:
+        pattern = f"sub-*/**/*_space-{TEMPLATE_SPACE}*_desc-preproc_{modality}.nii.gz"
+        for path in sorted(output_dir.glob(pattern)):
+            sidecar = Path(str(path)[: -len(".nii.gz")] + ".json")
+            site = json.loads(sidecar.read_text()).get("Site") if sidecar.is_file() else None
+            if not site:
+                raise WorkflowBuildError(f"{sidecar} has no Site field; re-run the participant level for it")
+            subject = _entities(path)["sub"]
+            data, _ = _load(path)
+            if modality != "dwi":
+                groups.setdefault("anat", []).append(TrainingVolume(data, site, modality, subject, mask=data > 0))
+                continue
+            mask_path = Path(str(path).replace("_desc-preproc_dwi.nii.gz", "_desc-brain_mask.nii.gz"))
+            mask = _load(mask_path)[0] > 0.5
+            bvals = np.loadtxt(str(path).replace(".nii.gz", ".bval"), ndmin=1)
+            labels = shell_labels(bvals)
+            scales = shell_intensity_scales(data, labels, mask)
+            for i, shell in enumerate(labels):
+                groups.setdefault("dwi", []).append(
+                    TrainingVolume(data[..., i], site, f"dwi-{shell}", subject, mask=mask, scale=scales[shell]))
+    return groups
+
+
+def train_cohort_models(output_dir: Path, *, name: str, config, modalities: tuple[str, ...] = ("T1w", "T2w", "dwi"),
+                        progress: bool = True) -> ModelDirectory:
+    """Train one network per grid on the output tree's participants; write ``models/<name>/``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Training settings (steps, batch, seed, device...).
+
+    Raises
+    ------
+    WorkflowBuildError
+        No preprocessed images, or no modality seen at two or more sites.
+    """
+    import nibabel as nib
+
+    from .data import SliceBank
+    from .loop import train_model
+
+    groups = collect_training_volumes(output_dir, modalities)
+    if not groups:
+        raise WorkflowBuildError(
+            f"no preprocessed images in {output_dir}; run 'ihf-bids BIDS_DIR {output_dir} participant' first")
+    root = output_dir / "models" / name
+    trained = []
+    for group, volumes in sorted(groups.items()):
+        multi_site = sorted({v.modality for v in volumes if len({w.site for w in volumes if w.modality == v.modality}) > 1})
+        if not multi_site:
+            LOGGER.warning("not training the %s network: no modality was seen at two or more sites", group)
+            continue
+        sample = next(output_dir.glob(f"sub-*/**/*_space-{TEMPLATE_SPACE}*_desc-preproc_"
+                                      f"{'dwi' if group == 'dwi' else volumes[0].modality}.nii.gz"))
+        img = nib.load(str(sample))
+        LOGGER.info("training the %s network on %d volumes (%s) from sites %s", group, len(volumes),
+                    ", ".join(multi_site), ", ".join(sorted({v.site for v in volumes})))
+        train_model(
+            SliceBank(volumes), replace(config), root / group, progress=progress,
+            extra_metadata={
+                "template": TEMPLATE_SPACE,
+                "grid": {"shape": list(img.shape[:3]), "affine": img.affine.tolist()},
+                "group": group,
+                "modalities": sorted({v.modality for v in volumes}),
+                "sites": sorted({v.site for v in volumes}),
+                "participants": sorted({v.subject for v in volumes}),
+            },
+        )
+        trained.append(group)
+    if not trained:
+        raise WorkflowBuildError(
+            f"nothing to train in {output_dir}: every modality was seen at one site only; IHF-Harmony "
+            "learns from two or more sites")
+    return ModelDirectory(root)
