@@ -1,0 +1,172 @@
+"""End to end on a tiny traveling phantom: participant, group --train, participant --target-site, group.
+
+Two subjects scanned at two sites (T1w, T2w, DWI), 4 mm grids so that the whole cohort
+workflow runs in a few minutes on two cores. The output tree is compared with an expected
+list and validated with bids-validator-deno.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ihf_bids.cli.run import main
+
+SPACE = "space-MNI152NLin2009aSym"
+COMMON = ["--anat-resolution", "4", "--dwi-resolution", "4", "--nprocs", "2", "--omp-nthreads", "1"]
+
+
+def expected_files(subjects, sites, *, harmonized: bool) -> set[str]:
+    """The derivative files of a run on the phantom (one T1w, T2w and DWI run per session)."""
+    files = {"dataset_description.json", ".bidsignore", "logs/CITATION.md"}
+    for sub in subjects:
+        for site in sites:
+            pre = f"sub-{sub}/ses-{site}"
+            stem = f"sub-{sub}_ses-{site}"
+            descs = ["preproc", "harmonized"] if harmonized else ["preproc"]
+            for desc in descs:
+                for mod in ("T1w", "T2w"):
+                    files |= {f"{pre}/anat/{stem}_{SPACE}_res-4_desc-{desc}_{mod}.{e}" for e in ("nii.gz", "json")}
+                files |= {f"{pre}/dwi/{stem}_{SPACE}_res-4_desc-{desc}_dwi.{e}" for e in ("nii.gz", "json", "bval", "bvec")}
+                files |= {f"{pre}/dwi/{stem}_{SPACE}_res-4_model-tensor_param-fa_desc-{desc}_dwimap.{e}"
+                          for e in ("nii.gz", "json")}
+            files |= {f"{pre}/anat/{stem}_{SPACE}_res-4_desc-brain_mask.{e}" for e in ("nii.gz", "json")}
+            files |= {f"{pre}/dwi/{stem}_{SPACE}_res-4_desc-brain_mask.{e}" for e in ("nii.gz", "json")}
+            files.add(f"{pre}/anat/{stem}_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat")
+    return files
+
+
+def tree(root: Path) -> set[str]:
+    """Derivative files under ``root`` (logs/config-*, models/ and group tables listed apart)."""
+    out = set()
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not rel.startswith(("models/", "logs/config-")) and not rel.startswith("group_"):
+            out.add(rel)
+    return out
+
+
+def snapshot(root) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(root).rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Run the four steps of the cohort workflow once; return the paths."""
+    from ihf_bids.phantom import generate_phantom
+
+    base = tmp_path_factory.mktemp("app")
+    dataset = generate_phantom(base / "bids", n_subjects=2, n_sites=2, size="tiny", seed=1)
+    out, work = base / "out", base / "work"
+    steps = {"bids_before": snapshot(dataset.root)}
+    steps["participant"] = main([str(dataset.root), str(out), "participant", "-w", str(work), *COMMON])
+    steps["preproc_tree"] = tree(out)
+    steps["group_train"] = main([str(dataset.root), str(out), "group", "--train", "--train-steps", "6",
+                                 "-w", str(work), "--nprocs", "1"])
+    steps["harmonize"] = main([str(dataset.root), str(out), "participant", "--target-site", "siemens",
+                               "-w", str(work), *COMMON])
+    steps["group"] = main([str(dataset.root), str(out), "group", "-w", str(work)])
+    steps["bids_after"] = snapshot(dataset.root)
+    return dataset, out, work, steps
+
+
+def test_cohort_steps_succeed(cohort):
+    _, _, _, steps = cohort
+    assert [steps[k] for k in ("participant", "group_train", "harmonize", "group")] == [0, 0, 0, 0]
+
+
+def test_preprocessing_only_tree(cohort):
+    dataset, _, _, steps = cohort
+    assert steps["preproc_tree"] == expected_files(dataset.subjects, dataset.sites, harmonized=False)
+
+
+def test_harmonized_tree_and_model(cohort):
+    dataset, out, _, _ = cohort
+    assert tree(out) == expected_files(dataset.subjects, dataset.sites, harmonized=True)
+    model = out / "models" / "ihf-harmony"
+    for group in ("anat", "dwi"):
+        assert (model / group / "model.pt").is_file()
+        meta = json.loads((model / group / "model.json").read_text())
+        assert len(meta["sha256"]) == 64
+        profiles = {p.name for p in (model / group / "profiles").glob("*.npz")}
+        mods = ("T1w", "T2w") if group == "anat" else ("dwi-b0", "dwi-b1000")
+        assert {f"site-{s}_modality-{m}_profile.npz" for s in dataset.sites for m in mods} <= profiles
+    assert {p.name for p in out.glob("group_*.tsv")} == {"group_T1w.tsv", "group_T2w.tsv", "group_dwi.tsv"}
+
+
+def test_sidecars_record_provenance(cohort):
+    dataset, out, _, _ = cohort
+    sub, site = dataset.subjects[0], dataset.sites[1]
+    stem = out / f"sub-{sub}/ses-{site}/anat/sub-{sub}_ses-{site}_{SPACE}_res-4_desc-harmonized_T1w"
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    assert meta["Sources"] == [f"bids:raw:sub-{sub}/ses-{site}/anat/sub-{sub}_ses-{site}_T1w.nii.gz"]
+    assert meta["SkullStripped"] is True
+    assert meta["HarmonizationTarget"]["Site"] == "siemens"
+    assert meta["HarmonizationModel"]["Name"] == "ihf-harmony"
+    assert len(meta["HarmonizationModel"]["Sha256"]) == 64
+    assert meta["Device"] == "cpu"
+    assert meta["Site"] == site
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "ihf-bids"
+
+
+def test_outputs_are_sane_images(cohort):
+    dataset, out, _, _ = cohort
+    sub, site = dataset.subjects[0], dataset.sites[1]
+    folder = out / f"sub-{sub}/ses-{site}"
+    stem = f"sub-{sub}_ses-{site}_{SPACE}_res-4"
+    t1 = nib.load(folder / "anat" / f"{stem}_desc-preproc_T1w.nii.gz")
+    assert nib.aff2axcodes(t1.affine) == ("R", "A", "S")
+    mask = np.asarray(nib.load(folder / "anat" / f"{stem}_desc-brain_mask.nii.gz").dataobj) > 0
+    assert 0.8e6 < mask.sum() * 64 < 2.2e6  # brain volume in mm^3 (4 mm voxels)
+    dwi = nib.load(folder / "dwi" / f"{stem}_desc-harmonized_dwi.nii.gz")
+    bvals = np.loadtxt(folder / "dwi" / f"{stem}_desc-harmonized_dwi.bval")
+    assert dwi.shape[3] == bvals.size
+    fa = json.loads((folder / "dwi" / f"{stem}_model-tensor_param-fa_desc-harmonized_dwimap.json").read_text())
+    assert 0.25 < fa["WhiteMatterMedianFA"] < 0.9
+
+
+def test_output_tree_validates(cohort):
+    from ihf_bids.bids.validation import validate_dataset
+
+    _, out, _, _ = cohort
+    report = validate_dataset(out, derivative=True)
+    assert report.errors == []
+
+
+def test_nothing_written_inside_bids_dir(cohort):
+    _, _, _, steps = cohort
+    assert steps["bids_after"] == steps["bids_before"]
+
+
+def test_rerun_reuses_work(cohort, caplog):
+    """Re-running the harmonization with the same work dir does no work again."""
+    dataset, out, work, _ = cohort
+    before = {p: p.stat().st_mtime_ns for p in (work / "ihf_bids_wf").rglob("result_*.pklz")}
+    assert main([str(dataset.root), str(out), "participant", "--target-site", "siemens", "-w", str(work),
+                 "--skip-bids-validation", *COMMON]) == 0
+    after = {p: p.stat().st_mtime_ns for p in (work / "ihf_bids_wf").rglob("result_*.pklz")}
+    compute = [p for p in before if "ds_" not in str(p) and after.get(p) != before[p]]
+    assert compute == []
+
+
+def test_missing_model_names_the_command(tmp_path, cohort, caplog):
+    dataset, _, _, _ = cohort
+    code = main([str(dataset.root), str(tmp_path / "empty_out"), "participant", "--target-site", "siemens",
+                 "-w", str(tmp_path / "w"), "--skip-bids-validation", *COMMON])
+    assert code == 70
+    assert "group --train" in caplog.text
+
+
+def test_unknown_target_site(tmp_path, cohort, caplog):
+    dataset, out, _, _ = cohort
+    code = main([str(dataset.root), str(out), "participant", "--target-site", "nowhere",
+                 "-w", str(tmp_path / "w"), "--skip-bids-validation", *COMMON])
+    assert code == 70
+    assert "nowhere" in caplog.text and "siemens" in caplog.text
