@@ -75,6 +75,30 @@ def _session_name(session: SessionInputs) -> str:
     return f"sub_{session.subject}" + (f"_ses_{session.session}" if session.session else "") + "_wf"
 
 
+def _missing_target_shells(config: RunConfig, run) -> list[str]:
+    """Shells of a DWI run that the target site has no profile for (reported, never guessed)."""
+    import logging
+
+    import numpy as np
+
+    from ..harmonize.model_dir import ModelDirectory
+    from ..preproc.dwi import shell_labels
+
+    if not (config.harmonize and config.target_site) or run.bval is None:
+        return []
+    try:
+        shells = {f"dwi-{s}" for s in shell_labels(np.loadtxt(str(run.bval), ndmin=1))}
+    except ValueError:
+        return []  # the gradient check of the workflow reports the file
+    missing = sorted(shells - set(ModelDirectory(config.model_dir).profiles(config.target_site, "dwi")))
+    if missing:
+        logging.getLogger("ihf_bids").warning(
+            "%s: the target site %s has no %s profile, so this run is preprocessed but not harmonized "
+            "(pick a target site with these shells to harmonize it)", run.nifti, config.target_site,
+            ", ".join(m[len("dwi-"):] for m in missing))
+    return missing
+
+
 def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: str,
                            template: TemplateFiles) -> Workflow:
     """Preprocess (and harmonize) one session's T1w, T2w and DWI runs; write derivatives.
@@ -128,6 +152,7 @@ def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: s
                                              ("outputnode.native_mask", "inputnode.ref_mask"),
                                              ("outputnode.to_template", "inputnode.ref_to_template")])])
         out_wf = init_dwi_outputs_wf(config=config, source_file=str(run.nifti), site=site, template=template,
+                                     missing_shells=_missing_target_shells(config, run),
                                      name=f"dwi_{index}_outputs_wf")
         wf.connect([(dwi_wf, out_wf, [(f"outputnode.{k}", f"inputnode.{k}") for k in ("dwi", "bval", "bvec", "mask")])])
     return wf

@@ -6,7 +6,6 @@ cache (hashed by file content) then lets a re-run with the same work dir skip fi
 
 from __future__ import annotations
 
-import json
 import os
 
 from nipype.interfaces.base import (
@@ -244,8 +243,8 @@ class CheckGradients(SimpleInterface):
 
         from ..preproc.dwi import load_dwi, read_gradients, shell_labels
 
-        img = load_dwi(self.inputs.dwi_file)
-        bvals, bvecs = read_gradients(self.inputs.bval_file, self.inputs.bvec_file, img.shape[3])
+        _, data = load_dwi(self.inputs.dwi_file)
+        bvals, bvecs = read_gradients(self.inputs.bval_file, self.inputs.bvec_file, data.shape[3])
         self._results["dwi_file"] = self.inputs.dwi_file
         self._results["bval_file"] = _out(runtime, "checked.bval")
         self._results["bvec_file"] = _out(runtime, "checked.bvec")
@@ -310,20 +309,16 @@ class ResampleDWI(SimpleInterface):
     def _run_interface(self, runtime):
         import shutil
 
-        import nibabel as nib
-        import numpy as np
-
-        from ..preproc.dwi import resample_dwi, rotate_bvecs
+        from ..preproc.dwi import resample_dwi, rotate_bvec_file
 
         out = _out(runtime, "dwi_template.nii.gz")
         transforms = list(self.inputs.transforms)
         resample_dwi(self.inputs.in_file, self.inputs.reference_file, transforms, out)
-        bvecs = np.loadtxt(self.inputs.bvec_file, ndmin=2).T
-        rotated = rotate_bvecs(bvecs, nib.load(self.inputs.in_file).affine, nib.load(self.inputs.reference_file).affine,
-                               [t for t in transforms if t.endswith(".mat")])
-        self._results["out_file"] = out
+        # The rotation of the linear part; a SyN warp's local rotations are not applied to the vectors.
         self._results["bvec_file"] = _out(runtime, "dwi_template.bvec")
-        np.savetxt(self._results["bvec_file"], np.asarray(rotated).T, fmt="%.6f")
+        rotate_bvec_file(self.inputs.bvec_file, self.inputs.in_file, self.inputs.reference_file, transforms,
+                         self._results["bvec_file"], skip_nonlinear=True)
+        self._results["out_file"] = out
         self._results["bval_file"] = _out(runtime, "dwi_template.bval")
         shutil.copyfile(self.inputs.bval_file, self._results["bval_file"])
         return runtime
@@ -354,8 +349,11 @@ class TensorFit(SimpleInterface):
         wm = self.inputs.wm_mask_file if isdefined(self.inputs.wm_mask_file) else None
         summary = fit_tensor(self.inputs.in_file, self.inputs.bval_file, self.inputs.bvec_file,
                              self.inputs.mask_file, out, wm_mask_file=wm)
+        names = {"fa_median_wm": "WhiteMatterMedianFA", "n_voxels_wm": "WhiteMatterVoxels", "fa_median": "MedianFA",
+                 "fa_p90": "FA90thPercentile", "md_median": "MedianMD", "n_voxels": "BrainVoxels",
+                 "n_volumes": "NumberOfVolumes"}
         self._results["fa_file"] = out
-        self._results["summary"] = json.loads(json.dumps(summary, default=float))
+        self._results["summary"] = {names.get(k, k): float(v) for k, v in summary.items()}
         return runtime
 
 

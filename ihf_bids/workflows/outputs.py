@@ -109,8 +109,12 @@ def init_anat_outputs_wf(
 
 
 def init_dwi_outputs_wf(*, config: RunConfig, source_file: str, site: str, template: TemplateFiles,
-                        name: str = "dwi_outputs_wf") -> Workflow:
-    """Write a template-space DWI run (gradients, mask, FA) and, when asked, its harmonized twin and FA."""
+                        missing_shells: list[str] | None = None, name: str = "dwi_outputs_wf") -> Workflow:
+    """Write a template-space DWI run (gradients, mask, FA) and, when asked, its harmonized twin and FA.
+
+    ``missing_shells``: b-shells of the run that the target site lacks; the run is then not
+    harmonized and its sidecar says why.
+    """
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
 
@@ -121,6 +125,9 @@ def init_dwi_outputs_wf(*, config: RunConfig, source_file: str, site: str, templ
     inputnode = pe.Node(niu.IdentityInterface(["dwi", "bval", "bvec", "mask"]), name="inputnode")
     space = {"space": TEMPLATE_SPACE, "res": resolution_label(template.dwi_resolution)}
     common = {"SkullStripped": False, "Site": site, "Resolution": _resolution(template.dwi_resolution)}
+    if missing_shells:
+        common["HarmonizationSkipped"] = (f"the target site {config.target_site} has no profile for "
+                                          f"{', '.join(missing_shells)}")
 
     def write_run(desc: str, dwi_source, prefix: str, metadata: dict):
         """Sinks of one run (image, bval, bvec) and its tensor fit; returns the sink of the FA."""
@@ -145,7 +152,7 @@ def init_dwi_outputs_wf(*, config: RunConfig, source_file: str, site: str, templ
     mask = _sink(config, source_file, "ds_mask", {**space, "desc": "brain", "suffix": "mask"},
                  {"Type": "Brain", "Resolution": common["Resolution"]})
     wf.connect([(inputnode, mask, [("mask", "in_file")])])
-    if config.harmonize and config.target_site is not None:
+    if config.harmonize and config.target_site is not None and not missing_shells:
         harmonize = init_harmonize_wf(config=config, modality="dwi", source_site=site)
         wf.connect([(inputnode, harmonize, [("dwi", "inputnode.in_file"), ("mask", "inputnode.mask"),
                                             ("bval", "inputnode.bval")])])
