@@ -54,11 +54,6 @@ def _load(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
 
 
-def _spread(n: int, k: int) -> np.ndarray:
-    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k >= n``)."""
-    return np.arange(n) if k >= n else np.unique(np.linspace(0, n - 1, k).round().astype(int))
-
-
 def load_phantom_scans(dataset, subjects, *, dwi_volumes_per_run: int | None = None):
     """Read a phantom's images as :class:`~ihf_bids.qc.traveling.Scan` objects.
 
@@ -67,7 +62,7 @@ def load_phantom_scans(dataset, subjects, *, dwi_volumes_per_run: int | None = N
     of each shell, spread over the gradient directions (all when None).
     """
     from .harmonize.dwi import shell_intensity_scales
-    from .preproc.dwi import b0_mean, shell_labels
+    from .preproc.dwi import b0_mean, shell_labels, spread_indices
     from .qc.traveling import Scan
 
     scans = []
@@ -89,7 +84,7 @@ def load_phantom_scans(dataset, subjects, *, dwi_volumes_per_run: int | None = N
                 for shell, scale in scales.items():
                     idx = np.flatnonzero(np.asarray(labels) == shell)
                     if dwi_volumes_per_run is not None:
-                        idx = idx[_spread(idx.size, dwi_volumes_per_run)]
+                        idx = idx[spread_indices(idx.size, dwi_volumes_per_run)]
                     scans.append(Scan(subject, site, f"dwi-{shell}", data[..., idx], dwi_mask, scale.scale))
     return scans
 

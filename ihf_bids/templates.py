@@ -25,15 +25,21 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "TEMPLATE_KINDS",
     "TEMPLATE_SPACE",
     "TemplateImages",
     "load_template",
     "resample_to_grid",
     "template_grid",
+    "template_image",
+    "write_template",
 ]
 
 #: BIDS ``space-`` label of the template (TemplateFlow identifier).
 TEMPLATE_SPACE = "MNI152NLin2009aSym"
+
+#: Images :func:`template_image` and :func:`write_template` provide.
+TEMPLATE_KINDS = ("t1", "gm", "wm", "csf", "brain_mask")
 
 _FILE_PATTERN = "mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
 # Threshold applied to the (brain-extracted, 0..1 scaled) template T1 to get the
@@ -142,6 +148,75 @@ def load_template(voxel_size: float = 1.0) -> TemplateImages:
         If the template files are not found in the installed nilearn.
     """
     return _load_template_cached(_check_voxel_size(voxel_size))
+
+
+def template_image(kind: str, voxel_size: float = 1.0):
+    """One template image as a NIfTI image (float32, RAS, qform/sform code 1, mm).
+
+    Parameters
+    ----------
+    kind : {"t1", "gm", "wm", "csf", "brain_mask"}
+        Which image (see :class:`TemplateImages`).
+    voxel_size : float, default=1.0
+        Isotropic voxel size in mm.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        The image, with spatial units mm (ANTs warns about unknown units).
+
+    Examples
+    --------
+    >>> img = template_image("brain_mask", 4.0)
+    >>> img.shape, img.header.get_xyzt_units()[0], str(img.get_data_dtype())
+    ((49, 58, 47), 'mm', 'float32')
+    """
+    import nibabel as nib
+
+    if kind not in TEMPLATE_KINDS:
+        raise ValueError(f"template kind must be one of {TEMPLATE_KINDS}, not {kind!r}")
+    tpl = load_template(voxel_size)
+    affine = np.array(tpl.affine, dtype=float)
+    img = nib.Nifti1Image(np.array(getattr(tpl, kind), dtype=np.float32), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units(xyz="mm", t="sec")
+    img.header.set_data_dtype(np.float32)
+    img.header["descrip"] = f"{TEMPLATE_SPACE} {kind} {tpl.voxel_size:g}mm".encode()[:79]
+    return img
+
+
+def write_template(kind: str, voxel_size: float, path: str | Path) -> Path:
+    """Write one template image to a NIfTI file (for tools that need files).
+
+    Parameters
+    ----------
+    kind : {"t1", "gm", "wm", "csf", "brain_mask"}
+        Which image.
+    voxel_size : float
+        Isotropic voxel size in mm.
+    path : path
+        Output ``.nii`` or ``.nii.gz`` file; parent folders are created.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import tempfile, nibabel as nib
+    >>> out = write_template("t1", 4.0, Path(tempfile.mkdtemp()) / "tpl_T1w.nii.gz")
+    >>> nib.load(out).shape
+    (49, 58, 47)
+    """
+    import nibabel as nib
+
+    img = template_image(kind, voxel_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
 
 
 def resample_to_grid(

@@ -135,6 +135,8 @@ BIDSIGNORE_PATTERNS: tuple[str, ...] = (
     "*_dwimap.*",
     "*_dwi.bval",
     "*_dwi.bvec",
+    "models",
+    "group_*",
 )
 
 

@@ -23,6 +23,11 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("ihf_bids").setLevel(max(level, logging.DEBUG))
+    # nipype logs through its own handler; keep it out of the root handler (no double lines)
+    # and report its node-by-node progress from -v on.
+    for name in ("nipype", "nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).propagate = False
+    logging.getLogger("nipype.workflow").setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
 
 
 def _set_threads(omp_nthreads: int) -> None:
@@ -150,6 +155,7 @@ def _run_participant(args, config) -> int:
         "stop_on_first_crash": config.stop_on_first_crash, "remove_unnecessary_outputs": False,
     })
     workflow.config["monitoring"] = {"enabled": False}
+    _nipype_logging(args.verbose)
     LOGGER.info("running %d session(s) of %d participant(s) with %d process(es)", len(sessions),
                 len({s.subject for s in sessions}), config.nprocs)
     start = time.monotonic()
@@ -170,6 +176,17 @@ def _run_participant(args, config) -> int:
         return EXIT_PROCESSING_FAILURE
     LOGGER.info("participant level finished in %.0f s; outputs in %s", time.monotonic() - start, config.output_dir)
     return EXIT_SUCCESS
+
+
+def _nipype_logging(verbosity: int) -> None:
+    """nipype's own loggers: node progress from -v on, warnings otherwise."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    level = "INFO" if verbosity >= 1 else "WARNING"
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        nipype_config.set("logging", key, level if key == "workflow_level" else "WARNING")
+    nipype_logging.update_logging(nipype_config)
 
 
 def _crash_summary(path: Path) -> str:

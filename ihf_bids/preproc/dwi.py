@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import nibabel as nib
 
 __all__ = [
+    "spread_indices",
     "B0_THRESHOLD",
     "b0_mean",
     "dwi_brain_mask",
@@ -70,6 +71,19 @@ def shell_labels(bvals: np.ndarray, *, tolerance: float = 100.0) -> list[str]:
         for i in members:
             labels[i] = name
     return labels
+
+
+def spread_indices(n: int, k: int) -> np.ndarray:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k >= n``).
+
+    Used to keep a few volumes of a shell, spread over its gradient directions.
+
+    Examples
+    --------
+    >>> spread_indices(10, 3).tolist(), spread_indices(2, 5).tolist()
+    ([0, 4, 9], [0, 1])
+    """
+    return np.arange(n) if k >= n else np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
 def b0_mean(dwi: np.ndarray, bvals: np.ndarray) -> np.ndarray:

@@ -51,6 +51,25 @@ class Registration:
         return next(t for t in self.forward if t.endswith(".mat"))
 
 
+def _to_ants(data, affine):
+    """An ANTs image from an array and its affine (units set to mm: ITK warns on files without them)."""
+    import ants
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    return ants.from_nibabel_nifti(img)
+
+
+def _read_ants(path):
+    import nibabel as nib
+    import numpy as np
+
+    nii = nib.load(str(path))
+    return _to_ants(np.asarray(nii.dataobj, dtype=np.float32), nii.affine)
+
+
 def register_images(
     moving: str | Path,
     fixed: str | Path,
@@ -75,16 +94,19 @@ def register_images(
     moving_mask, fixed_mask : path, optional
         Restrict the metric to these regions.
     random_seed : int
-        Seed of the metric sampling (with one ITK thread the result is reproducible).
+        Seed (>= 0) of the metric sampling; with ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``
+        the result is reproducible bit for bit.
     """
     import ants
 
+    if random_seed < 0:
+        raise ValueError(f"random_seed must be >= 0, not {random_seed}")
     if mode not in REGISTRATION_MODES:
         raise ValueError(f"registration mode must be one of {REGISTRATION_MODES}, not {mode!r}")
     prefix = str(out_prefix)
     (Path(prefix) if prefix.endswith(('/', '\\')) else Path(prefix).parent).mkdir(parents=True, exist_ok=True)
-    fixed_img = ants.image_read(str(fixed))
-    moving_img = ants.image_read(str(moving))
+    fixed_img = _read_ants(fixed)
+    moving_img = _read_ants(moving)
     kwargs = dict(
         fixed=fixed_img,
         moving=moving_img,
@@ -98,10 +120,13 @@ def register_images(
     if mode == "syn":
         kwargs["reg_iterations"] = _SYN_ITERATIONS
     if fixed_mask is not None:
-        kwargs["mask"] = ants.image_read(str(fixed_mask))
+        kwargs["mask"] = _read_ants(fixed_mask)
     if moving_mask is not None:
-        kwargs["moving_mask"] = ants.image_read(str(moving_mask))
-    ants.config._random_seed = int(random_seed)  # read by ants.registration (--random-seed)
+        kwargs["moving_mask"] = _read_ants(moving_mask)
+    # antsRegistration --random-seed: 0 means "seed from the clock", so seed s is passed as s + 1.
+    # With one ITK thread the result is then reproducible bit for bit (Mattes MI sums over
+    # threads in a varying order otherwise).
+    ants.config._random_seed = int(random_seed) + 1
     result = ants.registration(**kwargs)
     affine = prefix + "affine.mat"
     forward_affine = next((t for t in result["fwdtransforms"] if t.endswith(".mat")), None)
@@ -148,13 +173,13 @@ def apply_transforms(
     import numpy as np
 
     moving_nii = nib.load(str(moving))
-    reference_img = ants.image_read(str(reference))
+    reference_img = _read_ants(reference)
     flags = list(invert) if invert is not None else [False] * len(transforms)
     data = np.asarray(moving_nii.dataobj, dtype=np.float32)
     volumes = data[..., None] if data.ndim == 3 else data.reshape(*data.shape[:3], -1)
     out = []
     for k in range(volumes.shape[3]):
-        vol = ants.from_nibabel_nifti(nib.Nifti1Image(volumes[..., k], moving_nii.affine))
+        vol = _to_ants(volumes[..., k], moving_nii.affine)
         warped = ants.apply_transforms(
             fixed=reference_img, moving=vol, transformlist=list(transforms),
             whichtoinvert=flags, interpolator=interpolation,
@@ -165,6 +190,7 @@ def apply_transforms(
     img = nib.Nifti1Image(result, ref_nii.affine)
     img.set_qform(ref_nii.affine, code=1)
     img.set_sform(ref_nii.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(out_file))

@@ -31,15 +31,22 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj, dtype=np.float32), img.affine
 
 
-def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T1w", "T2w", "dwi"),
-                             ) -> dict[str, list[TrainingVolume]]:
+#: DWI volumes kept per shell and run, spread over the gradient directions: a site's profile
+#: is an average of channel statistics, which a few directions already pin down, and the
+#: profile pass over every volume would dominate the training time (a 2 mm run has 30-100).
+DWI_VOLUMES_PER_SHELL = 6
+
+
+def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T1w", "T2w", "dwi"), *,
+                             dwi_volumes_per_shell: int = DWI_VOLUMES_PER_SHELL) -> dict[str, list[TrainingVolume]]:
     """Template-space preprocessed images of every participant, grouped by network ("anat", "dwi").
 
     Sites come from the ``Site`` field of each image's sidecar (written by the participant
-    level). DWI runs are split into b-shell volumes that share their shell's intensity scale.
+    level). DWI runs are split into b-shell volumes that share their shell's intensity scale
+    (``dwi_volumes_per_shell`` of each shell and run).
     """
     from ..harmonize.dwi import shell_intensity_scales
-    from ..preproc.dwi import shell_labels
+    from ..preproc.dwi import shell_labels, spread_indices
 
     groups: dict[str, list[TrainingVolume]] = {}
     for modality in modalities:
@@ -59,9 +66,11 @@ def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T
             bvals = np.loadtxt(str(path).replace(".nii.gz", ".bval"), ndmin=1)
             labels = shell_labels(bvals)
             scales = shell_intensity_scales(data, labels, mask)
-            for i, shell in enumerate(labels):
-                groups.setdefault("dwi", []).append(
-                    TrainingVolume(data[..., i], site, f"dwi-{shell}", subject, mask=mask, scale=scales[shell]))
+            for shell, scale in scales.items():
+                members = np.flatnonzero(np.asarray(labels) == shell)
+                for i in members[spread_indices(members.size, dwi_volumes_per_shell)]:
+                    groups.setdefault("dwi", []).append(
+                        TrainingVolume(data[..., i], site, f"dwi-{shell}", subject, mask=mask, scale=scale))
     return groups
 
 
