@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 __all__ = ["init_anat_preproc_wf"]
 
-_OUTPUTS = ["preproc", "mask", "native", "native_mask", "to_template", "from_template",
+_OUTPUTS = ["preproc", "mask", "native", "native_mask", "native_brain", "to_template", "from_template",
             "from_template_invert", "affine_file", "warp_file", "conform_record"]
 
 
@@ -38,8 +38,9 @@ def init_anat_preproc_wf(
 
     Inputs: ``in_file`` (and, when not the reference, ``ref_native``, ``ref_mask``,
     ``ref_to_template``). Outputs: ``preproc`` and ``mask`` on the template grid,
-    ``native`` (bias-corrected, native space) and ``native_mask``, transforms and the
-    conform record.
+    ``native`` (bias-corrected, native space), ``native_mask`` and, for the reference,
+    ``native_brain`` (the extracted brain, which DWI references register to), transforms
+    and the conform record.
     """
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
@@ -47,6 +48,7 @@ def init_anat_preproc_wf(
     from .interfaces import (
         ApplyTransforms,
         ConformAnatomical,
+        MaskImage,
         N4BiasCorrection,
         NormalizeIntensity,
         RegisterImages,
@@ -77,12 +79,16 @@ def init_anat_preproc_wf(
         (conform, outputnode, [("record", "conform_record")]),
     ])
     if is_reference:
+        extract = pe.Node(MaskImage(), name="extract_brain")
         brain = pe.Node(TemplateBrainMask(voxel_size=template.anat_resolution, mode=registration,
                                           random_seed=random_seed), name="brain_mask")
         wf.connect([
             (n4, brain, [("out_file", "in_file")]),
             (brain, to_template, [("forward_transforms", "transforms")]),
             (brain, mask_to_template, [("mask_file", "in_file"), ("forward_transforms", "transforms")]),
+            (n4, extract, [("out_file", "in_file")]),
+            (brain, extract, [("mask_file", "mask_file")]),
+            (extract, outputnode, [("out_file", "native_brain")]),
             (brain, outputnode, [("mask_file", "native_mask"), ("forward_transforms", "to_template"),
                                  ("inverse_transforms", "from_template"),
                                  ("inverse_invert", "from_template_invert"),

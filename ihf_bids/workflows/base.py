@@ -148,7 +148,7 @@ def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: s
         dwi_wf.inputs.inputnode.bval_file = str(run.bval) if run.bval else None
         dwi_wf.inputs.inputnode.bvec_file = str(run.bvec) if run.bvec else None
         if reference is not None:
-            wf.connect([(reference, dwi_wf, [("outputnode.native", "inputnode.ref_native"),
+            wf.connect([(reference, dwi_wf, [("outputnode.native_brain", "inputnode.ref_brain"),
                                              ("outputnode.native_mask", "inputnode.ref_mask"),
                                              ("outputnode.to_template", "inputnode.ref_to_template")])])
         out_wf = init_dwi_outputs_wf(config=config, source_file=str(run.nifti), site=site, template=template,

@@ -26,7 +26,7 @@ def init_dwi_preproc_wf(
     the template T1w directly. The run is resampled once, volume by volume.
 
     Inputs: ``dwi_file``, ``bval_file``, ``bvec_file`` and, with an anatomical reference,
-    ``ref_native``, ``ref_mask``, ``ref_to_template``. Outputs: ``dwi``, ``bval``, ``bvec``,
+    ``ref_brain`` (its extracted brain), ``ref_mask``, ``ref_to_template``. Outputs: ``dwi``, ``bval``, ``bvec``,
     ``mask`` (template grid), ``reference`` (native b=0), ``shells``.
     """
     from nipype.interfaces import utility as niu
@@ -37,13 +37,14 @@ def init_dwi_preproc_wf(
         CheckGradients,
         DWIBrainMask,
         DWIReference,
+        MaskImage,
         RegisterImages,
         ResampleDWI,
     )
 
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        ["dwi_file", "bval_file", "bvec_file", "ref_native", "ref_mask", "ref_to_template"]), name="inputnode")
+        ["dwi_file", "bval_file", "bvec_file", "ref_brain", "ref_mask", "ref_to_template"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(["dwi", "bval", "bvec", "mask", "reference", "shells"]),
                          name="outputnode")
     check = pe.Node(CheckGradients(), name="check_gradients")
@@ -66,10 +67,14 @@ def init_dwi_preproc_wf(
         (reference, outputnode, [("out_file", "reference")]),
         (check, outputnode, [("shells", "shells")]),
     ])
+    # Brain to brain: with the skull (and the neck of a T1w), the centres of mass that start
+    # ANTs are centimetres apart and the rigid b=0 -> T1w registration failed on real data.
+    brain = pe.Node(MaskImage(), name="extract_brain")
+    wf.connect([(reference, brain, [("out_file", "in_file")]), (mask, brain, [("out_file", "mask_file")])])
     if has_anat_reference:
         register = pe.Node(RegisterImages(mode="rigid", random_seed=random_seed), name="register_to_anat")
         wf.connect([
-            (inputnode, register, [("ref_native", "fixed"), ("ref_mask", "fixed_mask")]),
+            (inputnode, register, [("ref_brain", "fixed"), ("ref_mask", "fixed_mask")]),
             (inputnode, chain, [("ref_to_template", "in1")]),
         ])
     else:
@@ -77,7 +82,7 @@ def init_dwi_preproc_wf(
                            name="register_to_template")
         chain.inputs.in1 = []
     wf.connect([
-        (reference, register, [("out_file", "moving")]),
+        (brain, register, [("out_file", "moving")]),
         (mask, register, [("out_file", "moving_mask")]),
         (register, chain, [("forward_transforms", "in2")]),
     ])

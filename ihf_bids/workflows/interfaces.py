@@ -28,6 +28,7 @@ __all__ = [
     "DerivativesSink",
     "HarmonizeDWI",
     "HarmonizeImage",
+    "MaskImage",
     "N4BiasCorrection",
     "NormalizeIntensity",
     "RegisterImages",
@@ -197,6 +198,30 @@ class ApplyTransforms(SimpleInterface):
             new.set_data_dtype(np.uint8 if isdefined(self.inputs.threshold) else np.float32)
             nib.save(new, out)
         self._results["out_file"] = out
+        return runtime
+
+
+class _MaskInput(_SingleFileInput):
+    mask_file = File(exists=True, mandatory=True)
+
+
+class MaskImage(SimpleInterface):
+    """Zero an image outside a mask on its grid (brain-only images for registration)."""
+
+    input_spec = _MaskInput
+    output_spec = _SingleFileOutput
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import numpy as np
+
+        img = nib.load(self.inputs.in_file)
+        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0.5
+        data = np.asarray(img.dataobj, dtype=np.float32) * mask
+        out = nib.Nifti1Image(data, img.affine, img.header)
+        out.set_data_dtype(np.float32)
+        self._results["out_file"] = _out(runtime, "masked.nii.gz")
+        nib.save(out, self._results["out_file"])
         return runtime
 
 
