@@ -16,4 +16,4 @@ COPY ihf_bids ./ihf_bids
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt . \
     && mkdir -p "$HOME" && chmod -R a+rwX "$HOME"
 
-ENTRYPOINT ["ihf-bids-demo"]
+ENTRYPOINT ["ihf-bids"]

@@ -132,14 +132,6 @@ def test_outputs_are_sane_images(cohort):
     assert 0.25 < fa["WhiteMatterMedianFA"] < 0.9
 
 
-def test_output_tree_validates(cohort):
-    from ihf_bids.bids.validation import validate_dataset
-
-    _, out, _, _ = cohort
-    report = validate_dataset(out, derivative=True)
-    assert report.ok, report.format_errors()
-
-
 def test_nothing_written_inside_bids_dir(cohort):
     _, _, _, steps = cohort
     assert steps["bids_after"] == steps["bids_before"]
@@ -170,3 +162,29 @@ def test_unknown_target_site(tmp_path, cohort, caplog):
                  "-w", str(tmp_path / "w"), "--skip-bids-validation", *COMMON])
     assert code == 70
     assert "nowhere" in caplog.text and "siemens" in caplog.text
+
+
+def test_native_space_outputs(cohort):
+    """--native-outputs: harmonized T1w/T2w back on the T1w's native grid (harmonization reused)."""
+    dataset, out, work, _ = cohort
+    sub, site = dataset.subjects[1], dataset.sites[1]
+    assert main([str(dataset.root), str(out), "participant", "--target-site", "siemens", "--native-outputs",
+                 "--participant-label", sub, "--session-label", site, "-w", str(work), "--skip-bids-validation",
+                 *COMMON]) == 0
+    folder = out / f"sub-{sub}/ses-{site}/anat"
+    raw = nib.load(dataset.image_path(sub, site, "T1w"))
+    t1w = nib.load(folder / f"sub-{sub}_ses-{site}_desc-harmonized_T1w.nii.gz")
+    t2w = nib.load(folder / f"sub-{sub}_ses-{site}_space-T1w_desc-harmonized_T2w.nii.gz")
+    assert t1w.shape == t2w.shape == raw.shape
+    assert np.allclose(t1w.affine, raw.affine, atol=1e-3)
+    brain = np.asarray(raw.dataobj) > 0
+    assert np.corrcoef(np.asarray(t1w.dataobj)[brain], np.asarray(raw.dataobj)[brain])[0, 1] > 0.8
+
+
+def test_output_tree_validates(cohort):
+    """Last: the tree with every output of the tests above (native-space ones too) validates."""
+    from ihf_bids.bids.validation import validate_dataset
+
+    _, out, _, _ = cohort
+    report = validate_dataset(out, derivative=True)
+    assert report.ok, report.format_errors()

@@ -92,3 +92,19 @@ def test_no_dataset_description(tmp_path, caplog):
     code = main([str(tmp_path / "empty"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work")])
     assert code in (EXIT_USAGE, EXIT_DATA_ERROR)
     assert "dataset_description.json" in caplog.text
+
+
+def test_bad_gradients_fail_the_run_and_name_the_file(tmp_path, caplog):
+    """A bval with fewer entries than volumes: exit 1, the crash names the file; nothing half-written."""
+    from ihf_bids.phantom import generate_phantom
+
+    dataset = generate_phantom(tmp_path / "bids", n_subjects=1, n_sites=1, size="tiny", seed=4, modalities=("dwi",))
+    bval = next(dataset.root.rglob("*_dwi.bval"))
+    bval.write_text(" ".join(bval.read_text().split()[:-2]) + "\n")
+    out = tmp_path / "out"
+    code = main([str(dataset.root), str(out), "participant", "-w", str(tmp_path / "work"), "--skip-bids-validation",
+                 "--dwi-resolution", "4", "--nprocs", "1"])
+    assert code == 1
+    assert bval.name in caplog.text
+    assert not list(out.rglob("*_dwi.nii.gz"))
+    assert not list(out.rglob("*.tmp"))

@@ -34,7 +34,7 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
 #: DWI volumes kept per shell and run, spread over the gradient directions: a site's profile
 #: is an average of channel statistics, which a few directions already pin down, and the
 #: profile pass over every volume would dominate the training time (a 2 mm run has 30-100).
-DWI_VOLUMES_PER_SHELL = 6
+DWI_VOLUMES_PER_SHELL = 4
 
 
 def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T1w", "T2w", "dwi"), *,

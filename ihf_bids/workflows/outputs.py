@@ -24,12 +24,28 @@ def _resolution(voxel_size: float) -> str:
     return f"{TEMPLATE_SPACE} template grid, {voxel_size:g} mm isotropic voxels"
 
 
+def _description(entities: dict) -> str:
+    """The sidecar's Description of a derivative, from its entities."""
+    desc, suffix = entities.get("desc"), entities.get("suffix")
+    if entities.get("param") == "fa":
+        return f"Fractional anisotropy of a diffusion tensor fit (DIPY, weighted least squares) of the {desc} run."
+    if suffix == "mask":
+        return "Brain mask on the template grid."
+    if desc == "harmonized":
+        return f"{suffix} harmonized to the target site with IHF-Harmony (contrast moved, anatomy kept)."
+    if suffix == "dwi":
+        return "DWI run resampled once onto the template grid; b-vectors rotated with the linear transform."
+    return f"{suffix} bias-corrected (N4), brain-extracted and intensity-normalized, on the template grid."
+
+
 def _sink(config: RunConfig, source_file: str, name: str, entities: dict, metadata: dict | None = None,
           sidecar: bool = True):
     from nipype.pipeline import engine as pe
 
     from .interfaces import DerivativesSink
 
+    if sidecar:
+        metadata = {"Description": _description(entities), **(metadata or {})}
     node = pe.Node(DerivativesSink(source_file=source_file, output_dir=str(config.output_dir),
                                    bids_dir=str(config.bids_dir), entities=entities, sidecar=sidecar),
                    name=name, run_without_submitting=True)
