@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["build_parser", "parse_memory"]
+__all__ = ["build_parser", "int_at_least", "parse_memory"]
 
 MODALITIES = ("T1w", "T2w", "dwi")
 SITE_SOURCES = ("auto", "sessions", "participants", "sidecar")
@@ -47,7 +47,7 @@ def _existing_file(text: str) -> Path:
     return path
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     """An argparse type: an integer no smaller than ``minimum``."""
 
     def parse(text: str) -> int:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     harm.add_argument("--native-outputs", action="store_true",
                       help="also write harmonized images resampled back to the T1w's native space")
     harm.add_argument("--train", action="store_true", help="group level: train IHF-Harmony on all participants")
-    harm.add_argument("--train-steps", type=_int_at_least(1), metavar="N",
+    harm.add_argument("--train-steps", type=int_at_least(1), metavar="N",
                       help="group --train: optimisation steps (default: the preset's)")
     harm.add_argument("--train-preset", type=_existing_file, metavar="TOML",
                       help="group --train: a training preset (pipelines/training/*.toml)")
@@ -138,15 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     perf = parser.add_argument_group("resources")
     perf.add_argument("-w", "--work-dir", type=lambda s: Path(s).expanduser().absolute(),
                       default=Path("work").absolute(), help="intermediate results (reused on re-runs)")
-    perf.add_argument("--nprocs", "--n-cpus", type=_int_at_least(1), default=os.cpu_count() or 1,
+    perf.add_argument("--nprocs", "--n-cpus", type=int_at_least(1), default=os.cpu_count() or 1,
                       help="processes nipype may run at once")
-    perf.add_argument("--omp-nthreads", type=_int_at_least(1), default=None,
+    perf.add_argument("--omp-nthreads", type=int_at_least(1), default=None,
                       help="threads per process (default: min(nprocs, 8))")
     perf.add_argument("--mem", type=parse_memory, metavar="GB",
                       help="memory the run may use (a scheduling hint, e.g. 16G)")
     perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                       help="device for the network (auto: CUDA when present)")
-    perf.add_argument("--random-seed", type=_int_at_least(0), default=0,
+    perf.add_argument("--random-seed", type=int_at_least(0), default=0,
                       help="seed of registration and training (bit-identical re-runs on the CPU also need --omp-nthreads 1)")
     perf.add_argument("--stop-on-first-crash", action="store_true", help="stop at the first failing step")
     return parser

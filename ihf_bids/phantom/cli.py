@@ -8,22 +8,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..cli.parser import int_at_least
 from .generate import MODALITIES, PHANTOM_SIZES
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer no smaller than ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,15 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", type=Path, help="dataset root to create")
-    parser.add_argument("--subjects", type=_int_at_least(1), default=4, metavar="N", help="number of subjects (default 4)")
-    parser.add_argument("--sites", type=_int_at_least(1), default=3, metavar="M", help="number of sites (default 3)")
+    parser.add_argument("--subjects", type=int_at_least(1), default=4, metavar="N", help="number of subjects (default 4)")
+    parser.add_argument("--sites", type=int_at_least(1), default=3, metavar="M", help="number of sites (default 3)")
     parser.add_argument(
         "--size",
         choices=tuple(PHANTOM_SIZES),
         default="tiny",
         help="anatomical voxel size: tiny 4 mm, small 2 mm, 1mm 1 mm (default tiny)",
     )
-    parser.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S", help="random seed (default 0)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument(
         "--modalities",
         nargs="+",

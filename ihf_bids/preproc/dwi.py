@@ -160,19 +160,7 @@ def read_gradients(
     ([0.0, 1000.0, 1000.0], [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     """
     bval_file, bvec_file = Path(bval_file), Path(bvec_file)
-    bval_rows = _read_numbers(bval_file, "b-value")
-    if len(bval_rows) > 1 and any(len(r) != 1 for r in bval_rows):
-        raise InputDataError(
-            f"b-value file {bval_file} has {len(bval_rows)} rows; it must hold one row of b-values (FSL format)"
-        )
-    bvals = np.array([v for row in bval_rows for v in row], dtype=float)
-    if bvals.size != n_volumes:
-        raise InputDataError(
-            f"b-value file {bval_file} lists {bvals.size} b-values but the DWI run has {n_volumes} volumes; "
-            "use the .bval written with this image (dcm2niix)"
-        )
-    if not np.isfinite(bvals).all() or (bvals < 0).any():
-        raise InputDataError(f"b-value file {bval_file} holds negative or non-finite b-values; fix the file")
+    bvals = _read_bvals(bval_file, n_volumes)
 
     bvec_rows = _read_numbers(bvec_file, "b-vector")
     if len(bvec_rows) != 3:
@@ -202,11 +190,6 @@ def read_gradients(
         )
     bvecs[weighted] /= norms[weighted, None]
     bvecs[~weighted] = 0.0
-    if weighted.all():
-        raise InputDataError(
-            f"b-value file {bval_file} has no b=0 volume (b <= {B0_THRESHOLD:g}); ihf-bids needs one as the "
-            "run's intensity reference"
-        )
     return bvals, bvecs
 
 
@@ -296,6 +279,10 @@ def _read_bvals(bval_file: str | Path, n_volumes: int) -> np.ndarray:
     """b-values only, with the checks of :func:`read_gradients` that concern them."""
     bval_file = Path(bval_file)
     rows = _read_numbers(bval_file, "b-value")
+    if len(rows) > 1 and any(len(r) != 1 for r in rows):
+        raise InputDataError(
+            f"b-value file {bval_file} has {len(rows)} rows; it must hold one row of b-values (FSL format)"
+        )
     bvals = np.array([v for row in rows for v in row], dtype=float)
     if bvals.size != n_volumes:
         raise InputDataError(
