@@ -99,6 +99,11 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         "Runs whose shell the target site lacks are preprocessed and fitted but not harmonized, and say so "
         "in their sidecars (`HarmonizationSkipped`). PHNOTT01 covers a 64 mm slab, hence its lower mask Dice.",
+        "The target's own run (PHGANJI01) comes back with its FA unchanged (same site, zero site shift). The "
+        "other b=1000 runs' FA moves because each shell is brought to the target site's typical intensity "
+        "scale for that shell (docs/model.md), which changes the b=1000/b=0 signal ratio; with one person per "
+        "site that ratio mixes scanner and person, so these data cannot tell whether the move is right. The "
+        "traveling phantom measures it (docs/benchmark-core.md).",
         f"The output tree validates with bids-validator-deno: {result['output_valid']}.",
     ]
     path.write_text("\n".join(lines) + "\n")

@@ -181,6 +181,22 @@ def test_native_space_outputs(cohort):
     assert np.corrcoef(np.asarray(t1w.dataobj)[brain], np.asarray(raw.dataobj)[brain])[0, 1] > 0.8
 
 
+def test_single_reference_image_as_target(cohort, tmp_path):
+    """--target-reference: T1w harmonized to one preprocessed image (a profile of one), preprocessing reused."""
+    dataset, out, work, _ = cohort
+    sub, site = dataset.subjects[0], dataset.sites[1]
+    reference = next(out.glob(f"sub-{dataset.subjects[1]}/ses-siemens/anat/*_desc-preproc_T1w.nii.gz"))
+    ref_out = tmp_path / "ref_out"
+    assert main([str(dataset.root), str(ref_out), "participant", "--target-reference", str(reference),
+                 "--model", str(out / "models" / "ihf-harmony"), "--modalities", "T1w", "--participant-label", sub,
+                 "--session-label", site, "-w", str(work), "--skip-bids-validation", *COMMON]) == 0
+    harmonized = next(ref_out.glob(f"sub-{sub}/ses-{site}/anat/*_desc-harmonized_T1w.nii.gz"))
+    meta = json.loads(Path(str(harmonized).replace(".nii.gz", ".json")).read_text())
+    assert meta["HarmonizationTarget"]["Reference"] == str(reference)
+    assert meta["SiteShiftFrom"] == "the image's own statistics"
+    assert np.isfinite(np.asarray(nib.load(harmonized).dataobj)).all()
+
+
 def test_output_tree_validates(cohort):
     """Last: the tree with every output of the tests above (native-space ones too) validates."""
     from ihf_bids.bids.validation import validate_dataset
