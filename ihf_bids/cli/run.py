@@ -153,6 +153,9 @@ def _run_participant(args, config) -> int:
     workflow.config["execution"].update({
         "crashdump_dir": str(crash_dir), "crashfile_format": "txt", "hash_method": "content",
         "stop_on_first_crash": config.stop_on_first_crash, "remove_unnecessary_outputs": False,
+        # nipype sleeps this long between scheduling passes (default 2 s): with many short steps
+        # (and every step of a re-run being a cache hit) the sleeps dominated the wall time.
+        "poll_sleep_duration": 0.1,
     })
     workflow.config["monitoring"] = {"enabled": False}
     _nipype_logging(args.verbose)
@@ -161,7 +164,9 @@ def _run_participant(args, config) -> int:
     start = time.monotonic()
     try:
         if config.nprocs > 1:
-            plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False}
+            # forkserver: workers never inherit the threads (OpenMP, torch) of the calling process,
+            # which deadlocks forked workers when ihf-bids runs inside a Python session.
+            plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False, "mp_context": "forkserver"}
             if config.mem_gb:
                 plugin_args["memory_gb"] = config.mem_gb
             workflow.run(plugin="MultiProc", plugin_args=plugin_args)

@@ -108,6 +108,7 @@ def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: s
     """
     from nipype.pipeline import engine as pe
 
+    from ..bids.derivatives import bids_uri
     from .anatomical import init_anat_preproc_wf
     from .dwi import init_dwi_preproc_wf
     from .outputs import init_anat_outputs_wf, init_dwi_outputs_wf
@@ -130,6 +131,7 @@ def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: s
                                               ("outputnode.to_template", "inputnode.ref_to_template")])])
         out_wf = init_anat_outputs_wf(config=config, modality=modality, source_file=str(path), site=site,
                                       is_reference=is_reference, reference_modality=anat_files[0][0],
+                                      reference_uri=bids_uri(anat_files[0][1], config.bids_dir),
                                       template=template, name=f"anat_{index}_{modality}_outputs_wf")
         wf.connect([(anat_wf, out_wf, [(f"outputnode.{k}", f"inputnode.{k}") for k in (
             "preproc", "mask", "conform_record", "affine_file", "warp_file", "from_template",

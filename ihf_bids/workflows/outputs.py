@@ -62,10 +62,15 @@ def init_anat_outputs_wf(
     site: str,
     is_reference: bool,
     reference_modality: str,
+    reference_uri: str | None = None,
     template: TemplateFiles,
     name: str = "anat_outputs_wf",
 ) -> Workflow:
-    """Write a preprocessed (and, when asked, harmonized) T1w/T2w with its mask and transforms."""
+    """Write a preprocessed (and, when asked, harmonized) T1w/T2w with its mask and transforms.
+
+    ``reference_uri``: BIDS URI of the session's anatomical reference (the SpatialReference of
+    native-space outputs of the other images).
+    """
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
 
@@ -109,10 +114,11 @@ def init_anat_outputs_wf(
         # Back to the anatomical reference's native (conformed) space.
         native = pe.Node(ApplyTransforms(interpolation="linear"), name="harmonized_to_native")
         entities = {"desc": "harmonized", "suffix": modality}
+        native_meta = {"SkullStripped": True, "Site": site}
         if not is_reference:
             entities["space"] = reference_modality
-        ds_native = _sink(config, source_file, "ds_harmonized_native", entities,
-                          {"SkullStripped": True, "Site": site})
+            native_meta["SpatialReference"] = reference_uri
+        ds_native = _sink(config, source_file, "ds_harmonized_native", entities, native_meta)
         source = "" if is_reference else "reference_"
         wf.connect([
             (harmonize, native, [("outputnode.out_file", "in_file")]),
