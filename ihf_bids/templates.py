@@ -171,17 +171,12 @@ def template_image(kind: str, voxel_size: float = 1.0):
     >>> img.shape, img.header.get_xyzt_units()[0], str(img.get_data_dtype())
     ((49, 58, 47), 'mm', 'float32')
     """
-    import nibabel as nib
+    from .imageio import nifti_image
 
     if kind not in TEMPLATE_KINDS:
         raise ValueError(f"template kind must be one of {TEMPLATE_KINDS}, not {kind!r}")
     tpl = load_template(voxel_size)
-    affine = np.array(tpl.affine, dtype=float)
-    img = nib.Nifti1Image(np.array(getattr(tpl, kind), dtype=np.float32), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units(xyz="mm", t="sec")
-    img.header.set_data_dtype(np.float32)
+    img = nifti_image(getattr(tpl, kind), tpl.affine)
     img.header["descrip"] = f"{TEMPLATE_SPACE} {kind} {tpl.voxel_size:g}mm".encode()[:79]
     return img
 

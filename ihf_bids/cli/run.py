@@ -146,7 +146,7 @@ def _run_participant(args, config) -> int:
     try:
         workflow = init_ihf_bids_wf(config=config, sessions=sessions, sites=sites, template=template)
     except IhfBidsError:
-        raise
+        raise  # already says what to do
     except Exception as err:  # noqa: BLE001 - any failure here means the workflow cannot be built
         raise WorkflowBuildError(f"the workflow could not be built: {err.__class__.__name__}: {err}") from err
     crash_dir = config.work_dir / "crash"

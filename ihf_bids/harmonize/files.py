@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..imageio import save_image
 from .model_dir import ModelDirectory
 
 __all__ = ["device_description", "harmonize_dwi_file", "harmonize_image_file"]
@@ -25,17 +26,6 @@ def _load(path):
 
     img = nib.load(str(path))
     return img, np.asarray(img.dataobj, dtype=np.float32)
-
-
-def _save_like(data: np.ndarray, like, out_file) -> Path:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data.astype(np.float32), like.affine)
-    img.set_qform(like.affine, code=1)
-    img.set_sform(like.affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(out_file))
-    return Path(out_file).absolute()
 
 
 def _provenance(model_dir: ModelDirectory, modality: str, target: dict, device: str, source_site: str,
@@ -112,7 +102,7 @@ def harmonize_image_file(
     model = _load_network(models, modality, device)
     out = harmonize_volume(volume, model, target, source_profile=source, mask=mask, device=device)
     out[~mask] = 0.0
-    _save_like(out, like, out_file)
+    save_image(out, like.affine, out_file)
     return _provenance(models, modality, description, device, source_site, source is not None)
 
 
@@ -148,6 +138,6 @@ def harmonize_dwi_file(
     model = _load_network(models, "dwi", device)
     out = harmonize_dwi(data, bvals, model, targets, source_profiles=sources or None, mask=mask, device=device)
     out[~mask] = 0.0
-    _save_like(out, like, out_file)
+    save_image(out, like.affine, out_file)
     return _provenance(models, "dwi", {"Site": target_site, "Modality": "dwi", "Shells": sorted(targets)},
                        device, source_site, bool(sources))

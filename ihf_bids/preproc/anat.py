@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..errors import InputDataError
+from ..imageio import nifti_image, save_image
 
 if TYPE_CHECKING:  # pragma: no cover
     import nibabel as nib
@@ -263,7 +264,7 @@ def conform_to_ras(in_file: str | os.PathLike[str], out_file: str | os.PathLike[
     canonical = nib.as_closest_canonical(img)
     data = np.asarray(canonical.dataobj, dtype=np.float32)
     affine = np.asarray(canonical.affine, dtype=float)
-    out = _save(data, affine, out_file)
+    out = save_image(data, affine, out_file)
     oblique_deg = float(np.degrees(np.max(np.abs(obliquity(affine)))))
     return {
         "original_orientation": orientation,
@@ -324,8 +325,8 @@ def n4_bias_correct(
             + (f" {mask_file}" if mask_file is not None else "")
             + "; check that the image and mask are the right files."
         )
-    image = ants.from_nibabel_nifti(_nifti(data, affine))
-    mask_img = ants.from_nibabel_nifti(_nifti(mask.astype(np.float32), affine))
+    image = ants.from_nibabel_nifti(nifti_image(data, affine))
+    mask_img = ants.from_nibabel_nifti(nifti_image(mask.astype(np.float32), affine))
     corrected = ants.n4_bias_field_correction(
         image,
         mask=mask_img,
@@ -335,7 +336,7 @@ def n4_bias_correct(
     )
     result = np.clip(corrected.numpy().astype(np.float32), 0.0, None)
     result[~np.isfinite(result)] = 0.0
-    return _save(result, affine, out_file)
+    return save_image(result, affine, out_file)
 
 
 # --------------------------------------------------------------------------- #
@@ -417,25 +418,25 @@ def brain_mask_via_template(
     tpl_mask_img = _read(tpl_mask)
     tpl_brain = np.asarray(tpl_mask_img.dataobj) > 0.5
     tpl_zooms = np.sqrt((tpl_mask_img.affine[:3, :3] ** 2).sum(axis=0))
-    metric_mask = _save(
+    metric_mask = save_image(
         _dilate_mm(tpl_brain, tpl_zooms, _METRIC_DILATION_MM).astype(np.uint8),
         tpl_mask_img.affine, out_dir / f"tpl-{tag}_desc-metric_mask.nii.gz", dtype=np.uint8,
     )
-    brain_metric_mask = _save(
+    brain_metric_mask = save_image(
         _dilate_mm(tpl_brain, tpl_zooms, _PASS2_METRIC_DILATION_MM).astype(np.uint8),
         tpl_mask_img.affine, out_dir / f"tpl-{tag}_desc-metric2_mask.nii.gz", dtype=np.uint8,
     )
-    crop_mask = _save(
+    crop_mask = save_image(
         _dilate_mm(tpl_brain, tpl_zooms, _CROP_DILATION_MM).astype(np.float32),
         tpl_mask_img.affine, out_dir / f"tpl-{tag}_desc-crop_mask.nii.gz",
     )
     # The input as a clean float32 file (ANTs reads it; the header may be odd).
-    native = _save(data, affine, out_dir / f"{stem}_desc-input_T1w.nii.gz")
+    native = save_image(data, affine, out_dir / f"{stem}_desc-input_T1w.nii.gz")
 
     # Pass 1: the top of the head (so that the centres of mass, which start the
     # registration, are close even when the neck is in the field of view), metric
     # inside the (dilated) template brain.
-    top = _save(
+    top = save_image(
         data * _head_top(data, affine, _HEAD_TOP_HEIGHT_MM), affine, out_dir / f"{stem}_desc-headtop_T1w.nii.gz"
     )
     first = register_images(
@@ -449,8 +450,8 @@ def brain_mask_via_template(
     crop = np.asarray(_read(crop_native).dataobj) > 0.5
     if crop.sum() == 0:
         raise RuntimeError(f"registration of {anat_file} to the template failed: the brain is outside the image")
-    _save(crop.astype(np.uint8), affine, crop_native, dtype=np.uint8)
-    cropped = _save(data * crop, affine, out_dir / f"{stem}_desc-cropped_T1w.nii.gz")
+    save_image(crop.astype(np.uint8), affine, crop_native, dtype=np.uint8)
+    cropped = save_image(data * crop, affine, out_dir / f"{stem}_desc-cropped_T1w.nii.gz")
 
     # Pass 2: the cropped head, affine (SyN on a head with skull would stretch the brain
     # onto the skull: 2.7 L masks on real whole-head images).
@@ -467,11 +468,11 @@ def brain_mask_via_template(
         mask &= foreground_mask(data, fraction=_REFINE_OTSU_FRACTION, fill=True)
         mask = _largest_component(mask)
         mask = ndimage.binary_fill_holes(mask)
-    mask_path = _save(mask.astype(np.uint8), affine, out_dir / f"{stem}_desc-brain_mask.nii.gz", dtype=np.uint8)
+    mask_path = save_image(mask.astype(np.uint8), affine, out_dir / f"{stem}_desc-brain_mask.nii.gz", dtype=np.uint8)
     brain = None
     if mode == "syn":
         # Pass 3: the brain alone (skull removed with the mask), affine + SyN.
-        brain = _save(data * mask, affine, out_dir / f"{stem}_desc-brain_T1w.nii.gz")
+        brain = save_image(data * mask, affine, out_dir / f"{stem}_desc-brain_T1w.nii.gz")
         final = register_images(
             brain, tpl_t1, out_dir / f"{stem}_to-template-syn_", mode="syn",
             moving_mask=mask_path, fixed_mask=brain_metric_mask, random_seed=random_seed,
@@ -604,33 +605,12 @@ def normalize_intensity(
             f"{reference:g}; the image is (nearly) empty inside the brain mask. Check both files."
         )
     out = np.where(mask, data * np.float32(float(target) / reference), np.float32(0.0)).astype(np.float32)
-    return _save(out, np.asarray(img.affine, dtype=float), out_file)
+    return save_image(out, np.asarray(img.affine, dtype=float), out_file)
 
 
 # --------------------------------------------------------------------------- #
 # internals
 # --------------------------------------------------------------------------- #
-def _nifti(data: np.ndarray, affine: np.ndarray, dtype: Any = np.float32) -> nib.Nifti1Image:
-    """A NIfTI image with codes 1 and mm units."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units(xyz="mm", t="sec")
-    img.header.set_data_dtype(dtype)
-    return img
-
-
-def _save(data: np.ndarray, affine: np.ndarray, out_file: str | os.PathLike[str], dtype: Any = np.float32) -> Path:
-    import nibabel as nib
-
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(_nifti(data, np.asarray(affine, dtype=float), dtype), str(out))
-    return out
-
-
 def _read(path: str | os.PathLike[str]) -> nib.Nifti1Image:
     import nibabel as nib
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputDataError
+from ..imageio import save_image
 
 if TYPE_CHECKING:  # pragma: no cover
     import nibabel as nib
@@ -248,20 +249,6 @@ def load_dwi(path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return img, data
 
 
-def _save(data: np.ndarray, affine: np.ndarray, out_file: str | Path) -> Path:
-    """Write float32 (or uint8 masks) with qform/sform code 1 and mm units."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(out_file))
-    return out_file
-
-
 def dwi_reference(dwi_file: str | Path, bval_file: str | Path, out_file: str | Path) -> Path:
     """Write the run's b=0 reference: the mean of its b=0 volumes (3-D float32).
 
@@ -272,7 +259,7 @@ def dwi_reference(dwi_file: str | Path, bval_file: str | Path, out_file: str | P
     """
     img, data = load_dwi(dwi_file)
     bvals = _read_bvals(bval_file, data.shape[3])
-    return _save(b0_mean(data, bvals).astype(np.float32), img.affine, out_file)
+    return save_image(b0_mean(data, bvals).astype(np.float32), img.affine, out_file)
 
 
 def _read_bvals(bval_file: str | Path, n_volumes: int) -> np.ndarray:
@@ -349,15 +336,7 @@ def dwi_brain_mask(
             mask[tuple(index)] = ndimage.binary_fill_holes(mask[tuple(index)])
     if not mask.any():
         raise InputDataError(f"no brain found in the b=0 reference {reference_file}")
-    affine = img.affine
-    out = nib.Nifti1Image(mask.astype(np.uint8), affine)
-    out.set_qform(affine, code=1)
-    out.set_sform(affine, code=1)
-    out.header.set_xyzt_units("mm", "sec")
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(out, str(out_file))
-    return out_file
+    return save_image(mask, img.affine, out_file, dtype=np.uint8)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -394,7 +373,7 @@ def resample_dwi(
                            interpolation="linear")  # fmt: skip
     img = nib.load(str(out))
     data = np.clip(np.asarray(img.dataobj, dtype=np.float32), 0, None)
-    return _save(data, img.affine, out)
+    return save_image(data, img.affine, out)
 
 
 # --------------------------------------------------------------------------- #

@@ -172,6 +172,8 @@ def apply_transforms(
     import nibabel as nib
     import numpy as np
 
+    from ..imageio import save_image
+
     moving_nii = nib.load(str(moving))
     reference_img = _read_ants(reference)
     flags = list(invert) if invert is not None else [False] * len(transforms)
@@ -186,12 +188,4 @@ def apply_transforms(
         )
         out.append(warped.numpy().astype(np.float32))
     result = np.stack(out, axis=-1) if data.ndim == 4 else out[0]
-    ref_nii = nib.load(str(reference))
-    img = nib.Nifti1Image(result, ref_nii.affine)
-    img.set_qform(ref_nii.affine, code=1)
-    img.set_sform(ref_nii.affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(out_file))
-    return out_file
+    return save_image(result, nib.load(str(reference)).affine, out_file)

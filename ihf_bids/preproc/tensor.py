@@ -69,7 +69,8 @@ def fit_tensor(
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
 
-    from .dwi import B0_THRESHOLD, _save, load_dwi, read_gradients
+    from ..imageio import save_image
+    from .dwi import B0_THRESHOLD, load_dwi, read_gradients
 
     img, data = load_dwi(dwi_file)
     bvals, bvecs = read_gradients(bval_file, bvec_file, data.shape[3])
@@ -94,9 +95,9 @@ def fit_tensor(
     md[~mask] = 0
 
     affine = img.affine
-    _save(fa, affine, out_fa)
+    save_image(fa, affine, out_fa)
     if out_md is not None:
-        _save(md, affine, out_md)
+        save_image(md, affine, out_md)
     summary: dict = {
         "n_voxels": int(mask.sum()),
         "n_volumes": int(bvals.size),

@@ -24,10 +24,12 @@ def _flatten(prefix: str, value, out: dict) -> None:
 
 def collect_group_rows(output_dir: Path, modality: str) -> list[dict]:
     """One row per derivative image of ``modality`` (DWI: per FA map) with its sidecar's fields."""
+    from ..bids.derivatives import parse_entities
+
     rows = []
     suffix = _SUFFIXES[modality]
     for path in sorted(output_dir.glob(f"sub-*/**/*_space-{TEMPLATE_SPACE}*_{suffix}.nii.gz")):
-        entities = dict(p.split("-", 1) for p in path.name.split("_")[:-1] if "-" in p)
+        entities = parse_entities(path)
         sidecar = Path(str(path)[: -len(".nii.gz")] + ".json")
         fields = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         row = {"file": str(path.relative_to(output_dir)), **{k: v for k, v in entities.items() if k != "space"}}

@@ -10,18 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WorkflowBuildError
-from ..harmonize.model_dir import ModelDirectory, group_of
+from ..harmonize.model_dir import ModelDirectory
 from ..templates import TEMPLATE_SPACE
 from .data import TrainingVolume
 
 __all__ = ["collect_training_volumes", "train_cohort_models"]
 
 LOGGER = logging.getLogger("ihf_bids.train")
-
-
-def _entities(path: Path) -> dict[str, str]:
-    parts = path.name.split("_")
-    return dict(p.split("-", 1) for p in parts[:-1] if "-" in p)
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +40,7 @@ def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T
     level). DWI runs are split into b-shell volumes that share their shell's intensity scale
     (``dwi_volumes_per_shell`` of each shell and run).
     """
+    from ..bids.derivatives import parse_entities
     from ..harmonize.dwi import shell_intensity_scales
     from ..preproc.dwi import shell_labels, spread_indices
 
@@ -56,7 +52,7 @@ def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T
             site = json.loads(sidecar.read_text()).get("Site") if sidecar.is_file() else None
             if not site:
                 raise WorkflowBuildError(f"{sidecar} has no Site field; re-run the participant level for it")
-            subject = _entities(path)["sub"]
+            subject = parse_entities(path)["sub"]
             data, _ = _load(path)
             if modality != "dwi":
                 groups.setdefault("anat", []).append(TrainingVolume(data, site, modality, subject, mask=data > 0))

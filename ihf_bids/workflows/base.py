@@ -30,10 +30,10 @@ class TemplateFiles:
 
 def write_template_files(folder: Path, *, anat_resolution: float, dwi_resolution: float) -> TemplateFiles:
     """Write the template T1w (anatomical and DWI grids) and a DWI-grid white-matter mask."""
-    import nibabel as nib
     import numpy as np
 
     from ..harmonize.checkpoint import write_bytes_atomically
+    from ..imageio import nifti_image
     from ..templates import load_template, template_image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,10 +48,7 @@ def write_template_files(folder: Path, *, anat_resolution: float, dwi_resolution
         return write(template_image(kind, res), f"tpl-{TEMPLATE_SPACE}_res-{res:g}mm_{kind}.nii")
 
     dwi = load_template(dwi_resolution)
-    wm = nib.Nifti1Image((dwi.wm > 0.9).astype(np.uint8), dwi.affine)
-    wm.set_qform(dwi.affine, code=1)
-    wm.set_sform(dwi.affine, code=1)
-    wm.header.set_xyzt_units("mm")
+    wm = nifti_image(dwi.wm > 0.9, dwi.affine, np.uint8)
     return TemplateFiles(
         anat_t1=nii("t1", anat_resolution), anat_resolution=anat_resolution,
         dwi_t1=nii("t1", dwi_resolution), dwi_resolution=dwi_resolution,

@@ -264,17 +264,14 @@ class CheckGradients(SimpleInterface):
     output_spec = _GradientsOutput
 
     def _run_interface(self, runtime):
-        import numpy as np
-
-        from ..preproc.dwi import load_dwi, read_gradients, shell_labels
+        from ..preproc.dwi import load_dwi, read_gradients, shell_labels, write_gradients
 
         _, data = load_dwi(self.inputs.dwi_file)
         bvals, bvecs = read_gradients(self.inputs.bval_file, self.inputs.bvec_file, data.shape[3])
         self._results["dwi_file"] = self.inputs.dwi_file
         self._results["bval_file"] = _out(runtime, "checked.bval")
         self._results["bvec_file"] = _out(runtime, "checked.bvec")
-        np.savetxt(self._results["bval_file"], np.asarray(bvals)[None, :], fmt="%g")
-        np.savetxt(self._results["bvec_file"], np.asarray(bvecs).T, fmt="%.6f")
+        write_gradients(bvals, bvecs, bval_file=self._results["bval_file"], bvec_file=self._results["bvec_file"])
         self._results["shells"] = sorted(set(shell_labels(bvals)), key=lambda s: int(s[1:]))
         return runtime
 
