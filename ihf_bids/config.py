@@ -48,6 +48,7 @@ class RunConfig:
     site_sidecar_fields: tuple[str, ...] = ("Manufacturer", "ManufacturersModelName")
     train_steps: int | None = None
     train_preset: Path | None = None
+    qc_baselines: tuple[str, ...] = ("histogram-matching", "combat")
     versions: dict = field(default_factory=dict)
 
     @property

@@ -41,11 +41,12 @@ def expected_files(subjects, sites, *, harmonized: bool) -> set[str]:
 
 
 def tree(root: Path) -> set[str]:
-    """Derivative files under ``root`` (logs/config-*, models/ and group tables listed apart)."""
+    """Derivative files under ``root`` (logs/config-*, models/, group outputs and reports listed apart)."""
     out = set()
     for path in root.rglob("*"):
         rel = path.relative_to(root).as_posix()
-        if path.is_file() and not rel.startswith(("models/", "logs/config-")) and not rel.startswith("group_"):
+        if (path.is_file() and not rel.startswith(("models/", "logs/config-", "group_", "group/"))
+                and not rel.endswith(".html") and "/figures/" not in rel):
             out.add(rel)
     return out
 
@@ -204,3 +205,39 @@ def test_output_tree_validates(cohort):
     _, out, _, _ = cohort
     report = validate_dataset(out, derivative=True)
     assert report.ok, report.format_errors()
+
+
+def test_participant_reports(cohort):
+    """sub-<label>.html for every participant, with its figures and no remote resources."""
+    import re
+
+    _, out, _, _ = cohort
+    for sub in ("01", "02"):
+        html = (out / f"sub-{sub}.html").read_text()
+        figures = re.findall(r'src="([^"]+)"', html)
+        assert figures and all((out / f).is_file() for f in figures)
+        assert all(f.startswith(f"sub-{sub}/figures/") for f in figures)
+        assert "http://" not in html and "https://" not in html
+        assert any("desc-fa" in f for f in figures) and any("desc-kde" in f for f in figures)
+
+
+def test_group_report_compares_methods(cohort):
+    """Two traveling subjects at two sites: every section is computed for every method."""
+    import re
+
+    _, out, _, _ = cohort
+    qc = json.loads((out / "group_qc.json").read_text())
+    assert qc["target_site"] == "siemens"
+    for modality in ("T1w", "T2w", "dwi"):
+        section = qc["modalities"][modality]
+        assert section["methods"] == ["unharmonized", "ihf-harmony", "histogram-matching", "combat"]
+        assert {r["method"] for r in section["classifier"]} == set(section["methods"])
+        assert {r["method"] for r in section["traveling"]} == {"unharmonized", "ihf-harmony", "histogram-matching"}
+        assert all(r["marginal_r2"] is not None for r in section["site_effect"])
+        assert {r["covariate"] for r in section["covariates"]} == {"age"}
+    assert {r["method"] for r in qc["modalities"]["dwi"]["fa_cov"]} == set(qc["methods"])
+    header = (out / "group_T1w.tsv").read_text().splitlines()[0].split("\t")
+    assert "qc_wm_mean" in header
+    html = (out / "group_report.html").read_text()
+    figures = re.findall(r'src="([^"]+)"', html)
+    assert figures and all((out / f).is_file() for f in figures)

@@ -101,3 +101,21 @@ def test_real_output_tree_validates(real_run):
     report = validate_dataset(out, derivative=True)
     assert report.ok, report.format_errors()
     assert (out / "group_dwi.tsv").is_file() and (out / "group_T1w.tsv").is_file()
+
+
+def test_group_report_says_what_does_not_apply(real_run):
+    """One person per scanner: no traveling subjects, one image per site; the report must say so."""
+    out, _ = real_run
+    qc = json.loads((out / "group_qc.json").read_text())
+    assert qc["target_site"] == TARGET
+    for modality in ("T1w", "dwi"):
+        section = qc["modalities"][modality]
+        reasons = section["not_applicable"]
+        for key in ("traveling", "mixed_model", "classifier", "combat"):
+            assert reasons.get(key), (modality, key)
+        assert not section["traveling"] and not section["classifier"]
+        assert section["kdes"]["unharmonized"], modality  # per-site distributions still drawn
+    assert "fa_cov" in qc["modalities"]["dwi"]["not_applicable"]
+    html = (out / "group_report.html").read_text()
+    assert "Not applicable" in html
+    assert sorted(out.glob("sub-*.html")), "per-participant reports"

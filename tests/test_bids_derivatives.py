@@ -327,8 +327,8 @@ def test_derivative_tree_passes_the_validator(tmp_path):
     assert all(ignored(rel) for rel in flagged), flagged
     needed = {pattern for pattern in BIDSIGNORE_PATTERNS for rel in flagged
               if any(fnmatch.fnmatch(part, pattern) for part in rel.split("/"))}  # fmt: skip
-    # The top-level logs/ is tolerated anyway; models/ and group_* are written by the group level.
-    assert needed >= set(BIDSIGNORE_PATTERNS) - {"logs", "models", "group_*"}, needed
+    # The top-level logs/ is tolerated anyway; models/, group_* and group/ are written by the group level.
+    assert needed >= set(BIDSIGNORE_PATTERNS) - {"logs", "models", "group_*", "group"}, needed
 
 
 @needs_validator
@@ -353,3 +353,18 @@ def test_input_validation_raises_with_hint(tmp_path):
     # problems in a subject that was not selected do not count
     assert validate_dataset(ds.root, participant_labels=["01"]).ok
     assert not validate_dataset(ds.root, raise_on_error=False).ok
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Temporary files are private (0600); the renamed output must be 0666 less the umask."""
+    import os
+
+    from ihf_bids.harmonize.checkpoint import write_bytes_atomically
+
+    old = os.umask(0o027)
+    try:
+        path = tmp_path / "dataset_description.json"
+        write_bytes_atomically(path, lambda handle: handle.write(b"{}"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640

@@ -125,7 +125,8 @@ _SUFFIX = re.compile(r"[A-Za-z0-9]+")
 #: Lines of the output's ``.bidsignore``: files that are not (yet) in the specification.
 #: Checked with bids-validator-deno: directory patterns must not end in "/" (``figures/``
 #: does not match ``sub-01/figures``), and derivative DWI may not have ``.bval``/``.bvec``.
-#: ``log`` covers NiPreps-style crash folders (``sub-<label>/log/<run>/``).
+#: ``log`` covers NiPreps-style crash folders (``sub-<label>/log/<run>/``); ``group`` holds the
+#: group report's figures.
 BIDSIGNORE_PATTERNS: tuple[str, ...] = (
     "*.html",
     "logs",
@@ -137,6 +138,7 @@ BIDSIGNORE_PATTERNS: tuple[str, ...] = (
     "*_dwi.bvec",
     "models",
     "group_*",
+    "group",
 )
 
 

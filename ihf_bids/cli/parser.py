@@ -14,6 +14,8 @@ __all__ = ["build_parser", "int_at_least", "parse_memory"]
 
 MODALITIES = ("T1w", "T2w", "dwi")
 SITE_SOURCES = ("auto", "sessions", "participants", "sidecar")
+#: Kept equal to ihf_bids.qc.evaluation.BASELINES (a test checks), without importing it here.
+QC_BASELINES = ("histogram-matching", "combat")
 
 
 def parse_memory(text: str) -> float:
@@ -60,6 +62,7 @@ def int_at_least(minimum: int):
         return value
 
     return parse
+
 
 
 def _voxel_size(text: str) -> float:
@@ -115,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sidecar fields joined into a site label (e.g. InstitutionName StationName)")
 
     harm = parser.add_argument_group("harmonization")
-    harm.add_argument("--target-site", metavar="SITE", help="harmonize every image to this site")
+    harm.add_argument("--target-site", metavar="SITE",
+                      help="participant: harmonize every image to this site; group: the target to evaluate "
+                           "(default: the one recorded in the harmonized images)")
     harm.add_argument("--target-reference", type=_existing_file, metavar="IMAGE",
                       help="harmonize to this single preprocessed image (template space, e.g. a "
                            "desc-preproc image of ihf-bids) instead of a site profile")
@@ -134,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="group --train: optimisation steps (default: the preset's)")
     harm.add_argument("--train-preset", type=_existing_file, metavar="TOML",
                       help="group --train: a training preset (pipelines/training/*.toml)")
+
+    qc = parser.add_argument_group("quality control (group level)")
+    qc.add_argument("--qc-baselines", nargs="+", choices=[*QC_BASELINES, "none"], default=list(QC_BASELINES),
+                    metavar="METHOD",
+                    help="baselines evaluated beside IHF-Harmony in the group report: histogram-matching "
+                         "(images), combat (derived features, neuroHarmonize); 'none' for neither "
+                         "(default: both)")
 
     perf = parser.add_argument_group("resources")
     perf.add_argument("-w", "--work-dir", type=lambda s: Path(s).expanduser().absolute(),

@@ -59,8 +59,13 @@ def build_config(args):
         LOGGER.warning("--omp-nthreads %d is larger than --nprocs %d", args.omp_nthreads, args.nprocs)
     if args.target_site and args.target_reference:
         raise UsageError("give --target-site or --target-reference, not both")
-    if args.analysis_level == "group" and (args.target_site or args.target_reference):
-        raise UsageError("--target-site/--target-reference belong to the participant level")
+    if args.analysis_level == "group" and args.target_reference:
+        raise UsageError("--target-reference belongs to the participant level")
+    if args.train and args.target_site:
+        raise UsageError("group --train learns every site; choose the target later with "
+                         "'participant --target-site SITE'")
+    if "none" in args.qc_baselines and len(args.qc_baselines) > 1:
+        raise UsageError("--qc-baselines none cannot be combined with other baselines")
     if args.train and args.analysis_level != "group":
         raise UsageError("--train belongs to the group level: ihf-bids BIDS_DIR OUTPUT_DIR group --train")
     check_output_paths(args.bids_dir, args.output_dir, args.work_dir)
@@ -79,6 +84,7 @@ def build_config(args):
         stop_on_first_crash=args.stop_on_first_crash, site_source=args.site_source, site_column=args.site_column,
         site_sidecar_fields=tuple(args.site_sidecar_fields), train_steps=args.train_steps,
         train_preset=args.train_preset, versions=_versions(),
+        qc_baselines=tuple(b for b in args.qc_baselines if b != "none"),
     )
 
 
@@ -180,7 +186,26 @@ def _run_participant(args, config) -> int:
             LOGGER.error("%s:\n%s", crash.name, _crash_summary(crash))
         return EXIT_PROCESSING_FAILURE
     LOGGER.info("participant level finished in %.0f s; outputs in %s", time.monotonic() - start, config.output_dir)
+    _write_participant_reports(config, sorted({s.subject for s in sessions}))
     return EXIT_SUCCESS
+
+
+def _write_participant_reports(config, subjects: list[str]) -> None:
+    """``sub-<label>.html`` for every participant of the run, with the target site's distribution."""
+    from ..harmonize.model_dir import ModelDirectory
+    from ..qc.reports import write_participant_report
+
+    targets = {}
+    if config.model_dir is not None and config.target_site is not None:
+        model = ModelDirectory(config.model_dir)
+        for modality in ("T1w", "T2w"):
+            targets[modality] = model.intensity_reference(config.target_site, modality)
+        for profile in model.profiles(config.target_site, "dwi"):
+            targets[profile] = model.intensity_reference(config.target_site, profile)
+    targets = {k: v for k, v in targets.items() if v is not None}
+    for subject in subjects:
+        path = write_participant_report(config.output_dir, subject, target_intensities=targets or None)
+        LOGGER.info("report: %s", path)
 
 
 def _nipype_logging(verbosity: int) -> None:
@@ -245,10 +270,12 @@ def _run_group(args, config) -> int:
         LOGGER.info("model written to %s; harmonize with 'ihf-bids %s %s participant --target-site SITE'",
                     models.root, config.bids_dir, config.output_dir)
         return EXIT_SUCCESS
-    from ..qc.group import write_group_tables
+    from ..qc.group import write_group_report
 
-    tables = write_group_tables(config.output_dir)
-    LOGGER.info("group QC tables: %s", ", ".join(str(t) for t in tables) or "none (no participant outputs)")
+    written = write_group_report(config.output_dir, bids_dir=config.bids_dir, target_site=config.target_site,
+                                 baselines=config.qc_baselines, modalities=config.modalities,
+                                 work_dir=config.work_dir, seed=config.random_seed)
+    LOGGER.info("group QC: %s", ", ".join(str(t) for t in written) or "nothing (no participant outputs)")
     return EXIT_SUCCESS
 
 

@@ -34,12 +34,29 @@ def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _current_umask() -> int:
+    """The process umask, read without changing it (Linux); 0o022 when it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def write_bytes_atomically(path: Path, writer) -> None:
-    """Write ``path`` through ``writer(handle)`` into a temporary sibling, then rename it."""
+    """Write ``path`` through ``writer(handle)`` into a temporary sibling, then rename it.
+
+    The file gets the usual permissions (0666 less the umask), not the private mode of a
+    temporary file, so that group members and container users can read the outputs.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             writer(handle)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

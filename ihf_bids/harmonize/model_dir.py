@@ -3,7 +3,10 @@
 One network is trained per image grid ("anat" for T1w and T2w on the anatomical template
 grid, "dwi" for the b-shells of diffusion runs on the coarser DWI grid), each a checkpoint
 directory (``model.pt`` + ``model.json``, see :mod:`.checkpoint`) with a ``profiles/``
-folder holding a :class:`~.profile.TargetProfile` for every site and modality it saw.
+folder holding a :class:`~.profile.TargetProfile` for every site and modality it saw, and
+next to each profile the site's intensity reference (evenly spaced intensity quantiles of its
+brain voxels, ``..._intensity.json``): the target distribution drawn in the reports and used by
+the histogram-matching baseline.
 """
 
 from __future__ import annotations
@@ -12,13 +15,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import WorkflowBuildError
 from .profile import TargetProfile, profile_filename
 
-__all__ = ["MODEL_GROUPS", "ModelDirectory", "find_model", "group_of"]
+__all__ = ["MODEL_GROUPS", "ModelDirectory", "find_model", "group_of", "intensity_filename"]
 
 #: Network per grid: modality -> group.
 MODEL_GROUPS = {"T1w": "anat", "T2w": "anat", "dwi": "dwi"}
+
+
+def intensity_filename(site: str, modality: str) -> str:
+    """File name of a site's intensity reference inside ``profiles/``."""
+    return f"site-{site}_modality-{modality}_intensity.json"
 
 
 def group_of(modality: str) -> str:
@@ -77,6 +87,27 @@ class ModelDirectory:
             profile = TargetProfile.load(path)
             out[profile.modality] = profile
         return out
+
+    def intensity_reference(self, site: str, modality: str) -> np.ndarray | None:
+        """Intensity quantiles of ``site``'s brain voxels for ``modality`` (``dwi-b1000``...).
+
+        ``None`` when the model has none (models trained before references were written).
+        """
+        path = self.group_dir(modality) / "profiles" / intensity_filename(site, modality)
+        if not path.is_file():
+            return None
+        return np.asarray(json.loads(path.read_text())["quantiles"], dtype=np.float64)
+
+    def write_intensity_reference(self, site: str, modality: str, quantiles: np.ndarray, n_volumes: int) -> Path:
+        """Write the intensity reference of ``site`` and ``modality`` (atomically)."""
+        from .checkpoint import write_bytes_atomically
+
+        path = self.group_dir(modality) / "profiles" / intensity_filename(site, modality)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"site": site, "modality": modality, "n_volumes": int(n_volumes),
+                           "quantiles": [round(float(q), 6) for q in quantiles]})
+        write_bytes_atomically(path, lambda handle: handle.write(text.encode()))
+        return path
 
     def require_target(self, site: str, modality: str) -> None:
         """Raise :class:`WorkflowBuildError` unless ``site`` has a profile for ``modality``."""

@@ -266,13 +266,18 @@ def _prepare(
     reference: ArrayLike,
     mask: ArrayLike | None,
     data_range: float | None,
+    ndims: tuple[int, ...] = (3,),
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_], float]:
-    """Validate inputs; return float64 volumes, a boolean mask and the range."""
+    """Validate inputs; return float64 arrays, a boolean mask and the range.
+
+    ``ndims`` lists the accepted dimensionalities (3D volumes for the metrics here).
+    """
     img = np.asarray(image, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
-    if img.ndim != 3 or ref.ndim != 3:
+    if img.ndim not in ndims or ref.ndim not in ndims:
+        wanted = " or ".join(f"{n}D" for n in ndims)
         raise ValueError(
-            f"image and reference must be 3D volumes, got {img.ndim}D and {ref.ndim}D"
+            f"image and reference must be {wanted}, got {img.ndim}D and {ref.ndim}D"
         )
     if img.shape != ref.shape:
         raise ValueError(

@@ -70,6 +70,25 @@ def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T
     return groups
 
 
+#: Quantiles kept per site intensity reference (enough to draw its distribution and to
+#: histogram-match to it).
+INTENSITY_REFERENCE_QUANTILES = 256
+
+
+def _write_intensity_references(model: ModelDirectory, volumes: list[TrainingVolume]) -> None:
+    """Each site's intensity reference per modality: quantiles inside the brain, averaged over volumes."""
+    from ..harmonize.baselines import intensity_quantiles
+
+    by_key: dict[tuple[str, str], list[np.ndarray]] = {}
+    for volume in volumes:
+        mask = volume.mask if volume.mask is not None else volume.data > 0
+        if mask.any():
+            by_key.setdefault((volume.site, volume.modality), []).append(
+                intensity_quantiles(volume.data, mask, INTENSITY_REFERENCE_QUANTILES))
+    for (site, modality), quantiles in sorted(by_key.items()):
+        model.write_intensity_reference(site, modality, np.mean(quantiles, axis=0), len(quantiles))
+
+
 def train_cohort_models(output_dir: Path, *, name: str, config, modalities: tuple[str, ...] = ("T1w", "T2w", "dwi"),
                         progress: bool = True) -> ModelDirectory:
     """Train one network per grid on the output tree's participants; write ``models/<name>/``.
@@ -116,6 +135,7 @@ def train_cohort_models(output_dir: Path, *, name: str, config, modalities: tupl
                 "participants": sorted({v.subject for v in volumes}),
             },
         )
+        _write_intensity_references(ModelDirectory(root), volumes)
         trained.append(group)
     if not trained:
         raise WorkflowBuildError(
