@@ -64,6 +64,11 @@ def int_at_least(minimum: int):
     return parse
 
 
+def _plugin_file(text: str) -> dict:
+    from .plugin import plugin_file
+
+    return plugin_file(text)
+
 
 def _voxel_size(text: str) -> float:
     try:
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="threads per process (default: min(nprocs, 8))")
     perf.add_argument("--mem", type=parse_memory, metavar="GB",
                       help="memory the run may use (a scheduling hint, e.g. 16G)")
+    perf.add_argument("--use-plugin", type=_plugin_file, metavar="FILE",
+                      help="nipype plugin settings, YAML or JSON with 'plugin' and 'plugin_args' (e.g. "
+                           "pipelines/nipype/slurm.yml); default: MultiProc with --nprocs (Linear with 1)")
     perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                       help="device for the network (auto: CUDA when present)")
     perf.add_argument("--random-seed", type=int_at_least(0), default=0,

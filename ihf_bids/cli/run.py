@@ -169,7 +169,14 @@ def _run_participant(args, config) -> int:
                 len({s.subject for s in sessions}), config.nprocs)
     start = time.monotonic()
     try:
-        if config.nprocs > 1:
+        if args.use_plugin:  # --use-plugin FILE (ihf_bids/cli/plugin.py)
+            from .plugin import run_settings
+
+            LOGGER.info("nipype plugin %s from %s", args.use_plugin["plugin"], args.use_plugin["file"])
+            settings, execution = run_settings(args.use_plugin, nprocs=config.nprocs, mem_gb=config.mem_gb)
+            workflow.config["execution"].update(execution)
+            workflow.run(**settings)
+        elif config.nprocs > 1:
             # forkserver: workers never inherit the threads (OpenMP, torch) of the calling process,
             # which deadlocks forked workers when ihf-bids runs inside a Python session.
             plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False, "mp_context": "forkserver"}

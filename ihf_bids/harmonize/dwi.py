@@ -40,7 +40,7 @@ def harmonize_dwi(
     *,
     source_profiles: Mapping[str, TargetProfile] | None = None,
     mask: np.ndarray | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "cpu",
 ) -> np.ndarray:
     """Harmonize every volume of a 4D DWI run with the profiles of its b-shell.

@@ -10,15 +10,24 @@ from .volume import IntensityScale, robust_intensity_scale, volume_to_windows, w
 __all__ = ["harmonize_volume", "source_embeddings"]
 
 
-def source_embeddings(windows: np.ndarray, vgg=None, *, batch_size: int = 8, device: str = "cpu") -> np.ndarray:
-    """The target embedding of each source window itself (the source's own statistics)."""
+def source_embeddings(windows: np.ndarray, vgg=None, *, batch_size: int | None = None,
+                      device: str = "cpu") -> np.ndarray:
+    """The target embedding of each source window itself (the source's own statistics).
+
+    ``batch_size`` None: 8 windows a pass on the CPU, what fits in free memory on CUDA.
+    """
     import torch
 
     from ..model.vgg import load_vgg19, target_embedding
+    from .device import CPU_BATCH_SIZE, fit_batch_size
 
     vgg = (vgg or load_vgg19()).to(device)
     parts = []
     with torch.inference_mode():
+        if batch_size is None:
+            batch_size = fit_batch_size(
+                device, lambda n: target_embedding(vgg, torch.from_numpy(windows[:n]).to(device)),
+                default=CPU_BATCH_SIZE, maximum=max(1, len(windows)))
         for start in range(0, len(windows), batch_size):
             parts.append(target_embedding(vgg, torch.from_numpy(windows[start : start + batch_size]).to(device)).cpu().numpy())
     return np.concatenate(parts).astype(np.float32)
@@ -32,7 +41,7 @@ def harmonize_volume(
     source_profile: TargetProfile | None = None,
     mask: np.ndarray | None = None,
     source_scale: IntensityScale | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "cpu",
     vgg=None,
 ) -> np.ndarray:
@@ -58,8 +67,10 @@ def harmonize_volume(
     source_scale : IntensityScale, optional
         Use this scale instead (DWI: the shell's scale, shared by all the shell's volumes
         of the run; see :func:`~ihf_bids.harmonize.dwi.harmonize_dwi`).
-    batch_size : int
-        Windows per forward pass.
+    batch_size : int, optional
+        Windows per forward pass; by default 8 on the CPU and, on CUDA, as many as fit in
+        80 % of the free GPU memory (measured with a two-window pass,
+        :func:`~ihf_bids.harmonize.device.fit_batch_size`).
     device : str
         ``cpu`` or ``cuda``; on CUDA the pass runs in float16 autocast.
     vgg : VGG19Features, optional
@@ -95,6 +106,12 @@ def harmonize_volume(
     out = np.empty_like(windows)
     use_amp = device.startswith("cuda")
     with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+        if batch_size is None:
+            from .device import CPU_BATCH_SIZE, fit_batch_size
+
+            batch_size = fit_batch_size(
+                device, lambda n: model(torch.from_numpy(windows[:n]).to(device), shift[:n]),
+                default=CPU_BATCH_SIZE, maximum=max(1, len(windows)))
         for start in range(0, len(windows), batch_size):
             stop = start + batch_size
             x = torch.from_numpy(windows[start:stop]).to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -143,10 +144,16 @@ def train_model(
     source window's own statistics moved by that shift (docs/model.md). A run that finds
     ``output_dir/train_state.pt`` (and ``resume``) continues from it; on the CPU the resumed
     run reaches the same state as an uninterrupted one.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the processes train one model together with
+    DistributedDataParallel: ``config.batch_size`` is the global batch, split evenly over the
+    processes, and rank 0 writes the files (:mod:`ihf_bids.train.distributed`). On CUDA a
+    process's share of the batch runs in micro-batches (gradient accumulation) when it does not
+    fit in free GPU memory; the step is the same. On the CPU it is one pass, as always.
     """
     import torch
 
-    from ..harmonize.device import resolve_device
+    from ..harmonize.device import fit_batch_size, resolve_device
     from ..model import (
         FlowConfig,
         HarmonyLoss,
@@ -161,7 +168,11 @@ def train_model(
     from ..model.losses import ANATOMY_LAYERS
     from ..model.vgg import ARTEFACT_LAYERS
 
+    from .distributed import init_distributed
+
     device = resolve_device(config.device)
+    dist = init_distributed(device)
+    device = dist.device(device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
@@ -170,7 +181,11 @@ def train_model(
     arch = FlowConfig.from_dict(config.architecture) if config.architecture else FlowConfig()
     model = IHFHarmony(arch).to(device)
     vgg = (vgg or load_vgg19()).to(device)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 builds and writes the profiles; the others read them
     profiles = build_site_profiles(bank, output_dir, vgg=vgg, device=device)
+    if dist.is_main:
+        dist.barrier()
     embeddings = {key: torch.from_numpy(p.embeddings).to(device) for key, p in profiles.items()}
     criterion = HarmonyLoss(**config.loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -194,19 +209,13 @@ def train_model(
         LOGGER.info("resuming training from step %d (%s)", start, state_path)
 
     features_layers = tuple(dict.fromkeys(ARTEFACT_LAYERS + ANATOMY_LAYERS))
-    bar = None  # a progress bar on a terminal; plain log lines otherwise
-    if progress:
-        from tqdm.auto import tqdm
+    net = dist.wrap(model, device)  # the model itself in a single process
 
-        bar = tqdm(total=config.steps, initial=start, desc="training", unit="step", disable=not sys.stderr.isatty())
-    model.train()
-    t0 = time.monotonic()
-    for step in range(start, config.steps):
-        x_np, samples = bank.sample(rng, config.batch_size)
-        x = torch.from_numpy(x_np).to(device)
+    def chunk_loss(x, chunk):
+        """The loss of source windows ``x`` drawn as ``chunk`` (a list of TrainingSample)."""
         shift = site_shift(
-            torch.stack([embeddings[s.target_site, s.modality][s.position] for s in samples]),
-            torch.stack([embeddings[s.source_site, s.modality][s.position] for s in samples]),
+            torch.stack([embeddings[s.target_site, s.modality][s.position] for s in chunk]),
+            torch.stack([embeddings[s.source_site, s.modality][s.position] for s in chunk]),
         )
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             with torch.no_grad():
@@ -214,30 +223,93 @@ def train_model(
                 target_stats = shifted_statistics(
                     {layer: channel_statistics(source_feats[layer]) for layer in ARTEFACT_LAYERS}, shift
                 )
-            x_hat = restore_background(x, model(x, shift))
+            x_hat = restore_background(x, net(x, shift))
             output_feats = vgg(to_vgg_input(x_hat), features_layers)
-        loss, parts = criterion(
+        return criterion(
             source_feats,
             {k: v.float() for k, v in output_feats.items()},
             target_stats,
             generator=loss_generator,
         )
+
+    def accumulate(x_np, samples, micro):
+        """Gradients of the mean loss over ``samples``, ``micro`` at a time; the logged parts.
+
+        The loss generator restarts from the same state for every micro-batch, so all of them
+        use the query positions that one pass over the whole batch would use.
+        """
+        state = loss_generator.get_state()
+        parts = {}
+        for begin in range(0, len(samples), micro):
+            end = min(begin + micro, len(samples))
+            loss_generator.set_state(state)
+            sync = end == len(samples) or not dist.enabled
+            with contextlib.nullcontext() if sync else net.no_sync():
+                loss, chunk_parts = chunk_loss(torch.from_numpy(x_np[begin:end]).to(device), samples[begin:end])
+                if end - begin == len(samples):
+                    parts = chunk_parts
+                else:
+                    weight = (end - begin) / len(samples)
+                    loss = loss * weight
+                    for key, value in chunk_parts.items():
+                        parts[key] = parts.get(key, 0.0) + weight * value
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+        return parts
+
+    def probe(x_part, chunk):
+        """One forward and backward pass on a few samples (to measure GPU memory); leaves no trace."""
+        state = loss_generator.get_state()
+        with net.no_sync() if dist.enabled else contextlib.nullcontext():
+            chunk_loss(torch.from_numpy(x_part).to(device), chunk)[0].backward()
+        loss_generator.set_state(state)
         optimizer.zero_grad(set_to_none=True)
+
+    micro = None  # samples per forward pass: the whole shard on the CPU, what fits on a GPU
+    bar = None  # a progress bar on a terminal; plain log lines otherwise
+    if progress and dist.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="training", unit="step", disable=not sys.stderr.isatty())
+    model.train()
+    t0 = time.monotonic()
+    for step in range(start, config.steps):
+        x_np, samples = bank.sample(rng, config.batch_size)  # the global batch, the same on every rank
+        shard = dist.shard(len(samples))
+        x_np, samples = x_np[shard], samples[shard]
+        if micro is None:
+            micro = fit_batch_size(device, lambda n, x=x_np, c=samples: probe(x[:n], c[:n]),
+                                   default=len(samples), maximum=len(samples))
+            if micro < len(samples):
+                LOGGER.info("training on %d of the %d samples of a step at a time (GPU memory)", micro, len(samples))
+        while True:
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                parts = accumulate(x_np, samples, micro)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if micro == 1:
+                    raise
+                micro = max(1, micro // 2)  # nothing was updated yet: the step is redone exactly
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                LOGGER.warning("GPU memory ran out; training on %d samples a pass from now on", micro)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
+        parts = dist.mean(parts)
         parts["step"] = step + 1
         history.append(parts)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        if (step + 1) % max(1, config.checkpoint_every) == 0 or step + 1 == config.steps:
+        if dist.is_main and ((step + 1) % max(1, config.checkpoint_every) == 0 or step + 1 == config.steps):
             _save_state(state_path, model, optimizer, scaler, step + 1, rng, loss_generator, history)
-        log_lines = bar is None or bar.disable
+        log_lines = dist.is_main and (bar is None or bar.disable)
         if log_lines and ((step + 1) % 10 == 0 or step + 1 == config.steps):
             elapsed = time.monotonic() - t0
             done = step + 1 - start
@@ -259,5 +331,9 @@ def train_model(
         **(extra_metadata or {}),
     }
     metadata["training"].pop("architecture", None)
-    save_model(model, output_dir, metadata)
+    if dist.enabled:
+        metadata["training"]["processes"] = dist.world_size
+    if dist.is_main:
+        save_model(model, output_dir, metadata)
+    dist.barrier()  # the model is on disk before any rank goes on
     return TrainResult(model=model, history=history, model_dir=output_dir, device=device, profiles=profiles)
