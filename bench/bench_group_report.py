@@ -45,8 +45,11 @@ METHODS = ("unharmonized", "ihf-harmony", "histogram-matching", "combat")
 
 
 def _run(step: str, argv: list[str], logs: Path, results: dict) -> None:
+    reran = step in results["steps"]
     result = timed_run(argv, logs / f"{step}.log")
+    result["work_dir_reused"] = reran  # a re-run finds the earlier run's finished steps in the work dir
     results["steps"][step] = result
+    (logs / "steps.json").write_text(json.dumps(results["steps"], indent=1))
     print(f"{step}: exit {result['exit_code']} in {result['wall_s']} s", flush=True)
     if result["exit_code"] != 0:
         raise SystemExit(f"{step} failed; see {logs / (step + '.log')}")
@@ -66,7 +69,8 @@ def summary(evaluation: dict) -> dict:
         entry = {}
         for method in METHODS:
             clf = _row(section.get("classifier"), method=method)
-            trav = _row(section.get("traveling"), method=method)
+            trav = {row["image"]: {k: row.get(k) for k in ("psnr", "ssim", "ms_ssim", "rmse", "lpips")}
+                    for row in section.get("traveling") or [] if row.get("method") == method}
             cov = _row(section.get("fa_cov"), method=method)
             effects = [r for r in section.get("site_effect", []) if r.get("method") == method]
             dist = _row(section.get("distribution_distance"), method=method)
@@ -83,8 +87,8 @@ def summary(evaluation: dict) -> dict:
                 "chance": clf.get("chance"),
                 "mean_marginal_r2": mean_of("marginal_r2"),
                 "mean_conditional_r2": mean_of("conditional_r2"),
-                "psnr": trav.get("psnr"), "ssim": trav.get("ssim"), "ms_ssim": trav.get("ms_ssim"),
-                "rmse": trav.get("rmse"), "lpips": trav.get("lpips"),
+                "mean_subject_r2": mean_of("subject_r2"),
+                "traveling": trav,
                 "fa_cov": cov.get("cov_mean"),
                 "distribution_distance": dist.get("mean"),
             }
@@ -115,23 +119,32 @@ def write_markdown(path: Path, result: dict) -> None:
         "| --- | --- | --- | --- |",
     ]
     for step, r in result["steps"].items():
-        lines.append(f"| {step} (`{r['command']}`) | {r['exit_code']} | {r['wall_s']} | {r['peak_rss_mib']} |")
-    lines += ["", "Lower classifier accuracy (toward chance) and lower marginal R2 mean less site information; "
-              "the conditional R2 (site + subject) should stay high (subject variance kept). Traveling-subject "
+        reused = " (re-run: finished steps reused from the work dir)" if r.get("work_dir_reused") else ""
+        lines.append(f"| {step}{reused} (`{r['command']}`) | {r['exit_code']} | {r['wall_s']} | {r['peak_rss_mib']} |")
+    lines += ["", "Lower classifier accuracy (toward chance) and lower marginal R2 mean less site information. "
+              "The conditional R2 is site + subject; the subject R2 (conditional minus marginal) is the share of "
+              "the variance the participants explain, which harmonization must keep. Traveling-subject "
               "similarity compares each harmonized image with the same subject's own target-site scan "
               "(PSNR/SSIM/MS-SSIM higher, RMSE/LPIPS lower is better). ComBat acts on the derived features "
               "only, so it has no image similarity.", ""]
     for modality, methods in result["summary"].items():
         lines += [f"## {modality}", "",
-                  "| method | classifier accuracy (chance) | F1 | marginal R2 | conditional R2 | PSNR | SSIM | "
-                  "MS-SSIM | RMSE | LPIPS | WM FA CoV | site distribution distance |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | classifier accuracy (chance) | F1 | marginal R2 (site) | conditional R2 | subject R2 "
+                  "| WM FA CoV | site distribution distance |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for method, v in methods.items():
             lines.append(
                 f"| {method} | {_fmt(v['classifier_accuracy'])} ({_fmt(v['chance'])}) | {_fmt(v['classifier_f1_macro'])} "
-                f"| {_fmt(v['mean_marginal_r2'])} | {_fmt(v['mean_conditional_r2'])} | {_fmt(v['psnr'], 2)} "
-                f"| {_fmt(v['ssim'], 4)} | {_fmt(v['ms_ssim'], 4)} | {_fmt(v['rmse'], 4)} | {_fmt(v['lpips'], 4)} "
+                f"| {_fmt(v['mean_marginal_r2'])} | {_fmt(v['mean_conditional_r2'])} | {_fmt(v['mean_subject_r2'])} "
                 f"| {_fmt(v['fa_cov'], 4)} | {_fmt(v['distribution_distance'], 4)} |")
+        lines += ["", "Traveling subjects (each non-target scan against the same subject's own target-site scan; "
+                  "DWI per b-shell direction average), mean ± sd over pairs:", "",
+                  "| image | method | pairs | PSNR | SSIM | MS-SSIM | RMSE | LPIPS |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in result["evaluation"]["modalities"][modality].get("traveling", []):
+            cells = [f"{_fmt(row[k], d)} ± {_fmt(row[k + '_sd'], d)}" for k, d in
+                     (("psnr", 2), ("ssim", 4), ("ms_ssim", 4), ("rmse", 4), ("lpips", 4))]
+            lines.append(f"| {row['image']} | {row['method']} | {row['n']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["R2 values are averaged over the modality's derived features; per-feature values, p-values and "
               "the age association are in docs/group-report-phantom.json and in the report itself.", "",
@@ -156,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bids, out, work, logs = (args.out / name for name in ("bids", "out", "work", "logs"))
     logs.mkdir(exist_ok=True)
-    results: dict = {"steps": {}}
+    # Steps skipped because their outputs exist keep the measurement of the run that made them.
+    steps_file = logs / "steps.json"
+    results: dict = {"steps": json.loads(steps_file.read_text()) if steps_file.is_file() else {}}
 
     if not (bids / "dataset_description.json").is_file():
         from ihf_bids.phantom import generate_phantom

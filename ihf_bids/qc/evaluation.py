@@ -384,6 +384,8 @@ def _statistics(section: dict, rows_by_method: dict[str, list[dict]], feature_na
                     "feature": feature, "method": method,
                     **{k: test.get(k) for k in ("kruskal_h", "kruskal_p", "anova_f", "anova_p")},
                     **{k: lmm.get(k) for k in ("marginal_r2", "conditional_r2")},
+                    # the subject's share of the variance: what harmonization must keep
+                    "subject_r2": (lmm["conditional_r2"] - lmm["marginal_r2"]) if lmm.get("applicable") else None,
                     "n": len(values),
                 })
             for covariate, by_subject in covariates.items():

@@ -722,7 +722,7 @@ _GROUP_SECTIONS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] =
       "R\u00b2 means less site effect."),
      (("feature", "Feature"), ("method", "Method"), ("kruskal_h", "KW H"), ("kruskal_p", "KW p"),
       ("anova_f", "ANOVA F"), ("anova_p", "ANOVA p"), ("marginal_r2", "Marginal R\u00b2"),
-      ("conditional_r2", "Conditional R\u00b2"))),
+      ("conditional_r2", "Conditional R\u00b2"), ("subject_r2", "Subject R\u00b2"))),
     ("classifier", "Site classifier",
      ("Cross-validated prediction of the acquisition site from image features. Accuracy closer to the chance "
       "level means less site information left in the images."),
