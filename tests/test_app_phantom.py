@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ihf_bids import __version__
 from ihf_bids.cli.run import main
 
 SPACE = "space-MNI152NLin2009aSym"
@@ -110,6 +111,7 @@ def test_sidecars_record_provenance(cohort):
     assert meta["HarmonizationTarget"]["Site"] == "siemens"
     assert meta["HarmonizationModel"]["Name"] == "ihf-harmony"
     assert len(meta["HarmonizationModel"]["Sha256"]) == 64
+    assert meta["HarmonizationModel"]["Version"] == __version__  # the version that trained it
     assert meta["Device"] == "cpu"
     assert meta["Site"] == site
     description = json.loads((out / "dataset_description.json").read_text())

@@ -38,7 +38,7 @@ def _provenance(model_dir: ModelDirectory, modality: str, target: dict, device: 
         "HarmonizationModel": {
             "Name": model_dir.name,
             "Network": Path(model_dir.group_dir(modality)).name,
-            "Version": meta.get("ihf_bids_version", "unknown"),
+            "Version": meta.get("package_version", "unknown"),
             "Sha256": meta.get("sha256", "unknown"),
         },
         "Device": device_description(device),
