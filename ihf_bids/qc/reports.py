@@ -718,8 +718,9 @@ _GROUP_SECTIONS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] =
     ("site_effect", "Site effect on image features",
      ("Kruskal-Wallis and one-way ANOVA tests of a site difference per feature (larger p-values and smaller "
       "H/F mean less site difference), and the R\u00b2 of a linear mixed model: marginal R\u00b2 is the variance "
-      "explained by site, conditional R\u00b2 that explained by site and subject together. Lower marginal "
-      "R\u00b2 means less site effect."),
+      "explained by site, conditional R\u00b2 that explained by site and subject together, and subject "
+      "R\u00b2 (their difference) that explained by the participants alone. Lower marginal R\u00b2 means "
+      "less site effect; subject R\u00b2 should not fall."),
      (("feature", "Feature"), ("method", "Method"), ("kruskal_h", "KW H"), ("kruskal_p", "KW p"),
       ("anova_f", "ANOVA F"), ("anova_p", "ANOVA p"), ("marginal_r2", "Marginal R\u00b2"),
       ("conditional_r2", "Conditional R\u00b2"), ("subject_r2", "Subject R\u00b2"))),
