@@ -1,4 +1,5 @@
-"""Writing NIfTI images the one way ihf-bids writes them: qform/sform code 1, units mm."""
+"""NIfTI images the one way ihf-bids writes them (qform/sform code 1, units mm), read back as
+float32 arrays, and their JSON sidecars."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["nifti_image", "save_image"]
+__all__ = ["load_float32", "nifti_image", "read_sidecar", "save_image"]
 
 
 def nifti_image(data: np.ndarray, affine: np.ndarray, dtype: Any = np.float32):
@@ -39,3 +40,26 @@ def save_image(data: np.ndarray, affine: np.ndarray, out_file: str | os.PathLike
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nifti_image(data, affine, dtype), str(out))
     return out
+
+
+def load_float32(path: str | os.PathLike[str]):
+    """Read an image; return its data as a float32 array and the nibabel image (header, affine)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj, dtype=np.float32), img
+
+
+def read_sidecar(image_path: str | os.PathLike[str] | None) -> dict:
+    """The JSON sidecar of a ``.nii``/``.nii.gz`` image; ``{}`` when there is none or it is unreadable."""
+    import json
+
+    if image_path is None:
+        return {}
+    name = str(image_path)
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") else name
+    try:
+        value = json.loads(Path(stem + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

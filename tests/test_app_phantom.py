@@ -243,3 +243,13 @@ def test_group_report_compares_methods(cohort):
     html = (out / "group_report.html").read_text()
     figures = re.findall(r'src="([^"]+)"', html)
     assert figures and all((out / f).is_file() for f in figures)
+
+
+def test_model_keeps_each_sites_intensity_reference(cohort):
+    """group --train writes the target-site distributions the participant reports draw."""
+    from ihf_bids.harmonize.model_dir import ModelDirectory
+
+    _, out, _, _ = cohort
+    references = ModelDirectory(out / "models" / "ihf-harmony").intensity_references("siemens")
+    assert {"T1w", "T2w", "dwi-b0"} <= set(references)
+    assert all(np.all(np.diff(q) >= 0) and q.size == 256 for q in references.values())

@@ -108,3 +108,11 @@ def test_bad_gradients_fail_the_run_and_name_the_file(tmp_path, caplog):
     assert bval.name in caplog.text
     assert not list(out.rglob("*_dwi.nii.gz"))
     assert not list(out.rglob("*.tmp"))
+
+
+def test_qc_baseline_choices_match_the_evaluation():
+    """The parser keeps its own copy (no heavy import at --help); it must equal the evaluation's."""
+    from ihf_bids.cli.parser import QC_BASELINES
+    from ihf_bids.qc.evaluation import BASELINES
+
+    assert QC_BASELINES == BASELINES

@@ -204,12 +204,7 @@ def _write_participant_reports(config, subjects: list[str]) -> None:
 
     targets = {}
     if config.model_dir is not None and config.target_site is not None:
-        model = ModelDirectory(config.model_dir)
-        for modality in ("T1w", "T2w"):
-            targets[modality] = model.intensity_reference(config.target_site, modality)
-        for profile in model.profiles(config.target_site, "dwi"):
-            targets[profile] = model.intensity_reference(config.target_site, profile)
-    targets = {k: v for k, v in targets.items() if v is not None}
+        targets = ModelDirectory(config.model_dir).intensity_references(config.target_site)
     for subject in subjects:
         path = write_participant_report(config.output_dir, subject, target_intensities=targets or None)
         LOGGER.info("report: %s", path)

@@ -88,15 +88,14 @@ class ModelDirectory:
             out[profile.modality] = profile
         return out
 
-    def intensity_reference(self, site: str, modality: str) -> np.ndarray | None:
-        """Intensity quantiles of ``site``'s brain voxels for ``modality`` (``dwi-b1000``...).
-
-        ``None`` when the model has none (models trained before references were written).
-        """
-        path = self.group_dir(modality) / "profiles" / intensity_filename(site, modality)
-        if not path.is_file():
-            return None
-        return np.asarray(json.loads(path.read_text())["quantiles"], dtype=np.float64)
+    def intensity_references(self, site: str) -> dict[str, np.ndarray]:
+        """Every intensity reference of ``site``: modality (``T1w``, ``dwi-b0``...) -> quantiles."""
+        out = {}
+        for group in sorted(set(MODEL_GROUPS.values())):
+            for path in sorted((self.root / group / "profiles").glob(f"site-{site}_modality-*_intensity.json")):
+                entry = json.loads(path.read_text())
+                out[entry["modality"]] = np.asarray(entry["quantiles"], dtype=np.float64)
+        return out
 
     def write_intensity_reference(self, site: str, modality: str, quantiles: np.ndarray, n_volumes: int) -> Path:
         """Write the intensity reference of ``site`` and ``modality`` (atomically)."""

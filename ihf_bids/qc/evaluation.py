@@ -27,7 +27,6 @@ target site...) are reported as not applicable, with the reason, rather than fai
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections import defaultdict
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..imageio import load_float32, read_sidecar
 from ..templates import TEMPLATE_SPACE
 
 __all__ = ["BASELINES", "METHODS", "EvaluatedImage", "collect_images", "evaluate_cohort", "read_covariates"]
@@ -80,11 +80,6 @@ class EvaluatedImage:
         return self.preproc.name.split("_space-")[0]
 
 
-def _sidecar(path: Path) -> dict:
-    sidecar = Path(str(path)[: -len(".nii.gz")] + ".json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-
-
 def _sibling(path: Path, old: str, new: str) -> Path | None:
     candidate = path.with_name(path.name.replace(old, new))
     return candidate if candidate.is_file() else None
@@ -103,7 +98,7 @@ def collect_images(output_dir: Path, modality: str) -> list[EvaluatedImage]:
     images = []
     suffix = f"desc-preproc_{modality}.nii.gz"
     for path in sorted(output_dir.glob(f"sub-*/**/*_space-{TEMPLATE_SPACE}*_{suffix}")):
-        site = _sidecar(path).get("Site")
+        site = read_sidecar(path).get("Site")
         if not site:
             raise ValueError(f"{path} has no Site in its sidecar; re-run the participant level for it")
         entities = parse_entities(path)
@@ -162,15 +157,7 @@ def read_covariates(bids_dir: Path | None, *, exclude: tuple[str, ...] = ("site"
 
 
 def _load(path: Path) -> np.ndarray:
-    import nibabel as nib
-
-    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-
-
-def _voxel_size(path: Path) -> float:
-    import nibabel as nib
-
-    return float(nib.load(str(path)).header.get_zooms()[0])
+    return load_float32(path)[0]
 
 
 class _Tissues:
@@ -276,8 +263,9 @@ class _TargetQuantiles:
         return np.mean(quantiles, axis=0) if quantiles else None
 
 
-def _histogram_match_dwi(image: EvaluatedImage, data: np.ndarray, labels: list[str], mask: np.ndarray,
-                         target: _TargetQuantiles, tissues: dict | None, scratch: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _histogram_match_dwi(image: EvaluatedImage, data: np.ndarray, affine: np.ndarray, labels: list[str],
+                         mask: np.ndarray, target: _TargetQuantiles,
+                         scratch: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Histogram-match every shell of a run to the target's quantiles, then refit FA."""
     from ..harmonize.baselines import histogram_match_to_quantiles
     from ..imageio import save_image
@@ -295,9 +283,6 @@ def _histogram_match_dwi(image: EvaluatedImage, data: np.ndarray, labels: list[s
             matched[..., i] = out
     if image.bval is None or image.bvec is None:
         return matched, None
-    import nibabel as nib
-
-    affine = nib.load(str(image.preproc)).affine
     scratch.mkdir(parents=True, exist_ok=True)
     dwi_file, mask_file, fa_file = (scratch / f"{image.name}_{n}.nii.gz" for n in ("dwi", "mask", "fa"))
     save_image(matched, affine, dwi_file)
@@ -312,13 +297,13 @@ def _histogram_match_dwi(image: EvaluatedImage, data: np.ndarray, labels: list[s
 
 
 def _method_images(image: EvaluatedImage, methods: tuple[str, ...], target: _TargetQuantiles,
-                   tissues: _Tissues, scratch: Path) -> dict[str, _MethodImage]:
-    """The image under every image-level method, with its features."""
+                   tissues: _Tissues, scratch: Path) -> tuple[dict[str, _MethodImage], np.ndarray]:
+    """The image under every image-level method, with its features, and the brain mask used."""
     from ..harmonize.baselines import histogram_match_to_quantiles
 
-    pre = _load(image.preproc)
+    pre, img = load_float32(image.preproc)
     mask = _load(image.mask) > 0.5 if image.mask is not None else (pre if pre.ndim == 3 else pre[..., 0]) != 0
-    grid = tissues.get(_voxel_size(image.preproc), mask.shape)
+    grid = tissues.get(float(img.header.get_zooms()[0]), mask.shape)
     out: dict[str, _MethodImage] = {}
     if image.modality != "dwi":
         volumes = {"unharmonized": pre}
@@ -332,7 +317,7 @@ def _method_images(image: EvaluatedImage, methods: tuple[str, ...], target: _Tar
         for method, volume in volumes.items():
             out[method] = _MethodImage({image.modality: volume},
                                        anatomical_features(volume, mask, grid, image.modality))
-        return out
+        return out, mask
 
     from ..preproc.dwi import shell_labels
 
@@ -342,11 +327,11 @@ def _method_images(image: EvaluatedImage, methods: tuple[str, ...], target: _Tar
     if "ihf-harmony" in methods and image.harmonized is not None:
         runs["ihf-harmony"] = (_load(image.harmonized), _load(image.fa["ihf-harmony"]) if "ihf-harmony" in image.fa else None)
     if "histogram-matching" in methods and target.sums:
-        runs["histogram-matching"] = _histogram_match_dwi(image, pre, labels, mask, target, grid, scratch)
+        runs["histogram-matching"] = _histogram_match_dwi(image, pre, img.affine, labels, mask, target, scratch)
     for method, (data, fa) in runs.items():
         shells = _shell_means(data, labels)
         out[method] = _MethodImage({f"dwi-{k}": v for k, v in shells.items()}, dwi_features(shells, fa, mask, grid))
-    return out
+    return out, mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,17 +552,16 @@ def _evaluate_modality(modality: str, images: list[EvaluatedImage], *, methods: 
                                  logger=LOGGER):
         truth, sources = None, []
         for image in own:
-            per_method = _method_images(image, image_methods, target, _TISSUES, scratch)
-            mask = _load(image.mask) > 0.5 if image.mask is not None else None
+            per_method, mask = _method_images(image, image_methods, target, _TISSUES, scratch)
             for method, method_image in per_method.items():
                 rows_by_method[method].append({"subject": image.subject, "site": image.site, "image": image.name,
                                                "features": method_image.features})
                 volume = next(iter(method_image.summary.values()))
-                values = volume[mask if mask is not None else volume != 0]
+                values = volume[mask]
                 if values.size:
                     take = rng.choice(values.size, min(KDE_SAMPLES_PER_IMAGE, values.size), replace=False)
                     samples[method][image.site].append(values[take].astype(np.float64))
-            if subject not in multi_site or mask is None or target_site is None:
+            if subject not in multi_site or target_site is None:
                 continue
             if image.site == target_site and truth is None:
                 truth = (per_method["unharmonized"].summary, mask)
@@ -587,7 +571,7 @@ def _evaluate_modality(modality: str, images: list[EvaluatedImage], *, methods: 
             _traveling_metrics(truth, sources, pairs)
 
     feature_names = sorted({k for rows in rows_by_method.values() for r in rows for k in r["features"]
-                            if not k.startswith("p")} , key=_feature_order)
+                            if not k.startswith("p")}, key=_feature_order)
     classifier_names = sorted({k for rows in rows_by_method.values() for r in rows for k in r["features"]},
                               key=_feature_order)
     # Features missing from some image (a shell only one site acquires) are left out of the
@@ -635,7 +619,7 @@ def _feature_order(name: str) -> tuple:
 
 def _recorded_target(harmonized: Path) -> str | None:
     """The target site in a harmonized image's sidecar (``HarmonizationTarget.Site``)."""
-    target = _sidecar(harmonized).get("HarmonizationTarget")
+    target = read_sidecar(harmonized).get("HarmonizationTarget")
     if isinstance(target, dict):
         target = target.get("Site")
     return str(target) if target else None

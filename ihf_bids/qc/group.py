@@ -26,13 +26,13 @@ def _flatten(prefix: str, value, out: dict) -> None:
 def collect_group_rows(output_dir: Path, modality: str) -> list[dict]:
     """One row per derivative image of ``modality`` (DWI: per FA map) with its sidecar's fields."""
     from ..bids.derivatives import parse_entities
+    from ..imageio import read_sidecar
 
     rows = []
     suffix = _SUFFIXES[modality]
     for path in sorted(output_dir.glob(f"sub-*/**/*_space-{TEMPLATE_SPACE}*_{suffix}.nii.gz")):
         entities = parse_entities(path)
-        sidecar = Path(str(path)[: -len(".nii.gz")] + ".json")
-        fields = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        fields = read_sidecar(path)
         row = {"file": str(path.relative_to(output_dir)), **{k: v for k, v in entities.items() if k != "space"}}
         flat: dict = {}
         _flatten("", {k: v for k, v in fields.items() if k != "Sources"}, flat)

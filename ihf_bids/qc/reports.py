@@ -15,7 +15,6 @@ Layout under the output directory::
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+
+from ..imageio import load_float32, read_sidecar
 
 __all__ = [
     "DerivativeSet",
@@ -93,18 +94,6 @@ def _strip_nii(path: Path) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return str(path.with_suffix(""))
-
-
-def _sidecar(path: Path | None) -> dict:
-    """The JSON sidecar of an image (``{}`` when absent or unreadable)."""
-    if path is None:
-        return {}
-    sidecar = Path(_strip_nii(path) + ".json")
-    try:
-        value = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _companion(path: Path | None, extension: str) -> Path | None:
@@ -212,10 +201,7 @@ def _match_mask(item: DerivativeSet, masks: list[tuple[dict, Path]]) -> Path | N
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    data, img = load_float32(path)
     return data, np.asarray(img.affine, dtype=float), tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
@@ -396,7 +382,7 @@ def _section_base(item: DerivativeSet, pre_meta: dict, harm_meta: dict) -> dict:
 
 
 def _anat_section(item: DerivativeSet, draw: _FigureWriter, target_intensities) -> dict:
-    pre_meta, harm_meta = _sidecar(item.preproc), _sidecar(item.harmonized)
+    pre_meta, harm_meta = read_sidecar(item.preproc), read_sidecar(item.harmonized)
     section = _section_base(item, pre_meta, harm_meta)
     modality = item.modality
     reference = item.preproc or item.harmonized
@@ -462,7 +448,7 @@ def _mask_for(item, data, affine, zooms, section) -> np.ndarray:
 
 
 def _dwi_section(item: DerivativeSet, draw: _FigureWriter, target_intensities) -> dict:
-    pre_meta, harm_meta = _sidecar(item.preproc), _sidecar(item.harmonized)
+    pre_meta, harm_meta = read_sidecar(item.preproc), read_sidecar(item.harmonized)
     section = _section_base(item, pre_meta, harm_meta)
     from . import figures
 
@@ -542,7 +528,7 @@ def _fa_part(item: DerivativeSet, section: dict, draw: _FigureWriter, mask: np.n
     for role, path in (("preprocessed", item.fa_preproc), ("harmonized", item.fa_harmonized)):
         if path is None:
             continue
-        meta = _sidecar(path)
+        meta = read_sidecar(path)
         section["fa_rows"].append({
             "role": role,
             "wm": _fmt(meta.get("WhiteMatterMedianFA")),
@@ -631,7 +617,7 @@ def write_participant_report(
         session = sessions.setdefault(item.session, {
             "label": item.session, "title": f"Session {item.session}" if item.session else "All images",
             "anchor": f"ses-{item.session}" if item.session else "images", "sections": [], "sites": []})
-        pre_meta, harm_meta = _sidecar(item.preproc), _sidecar(item.harmonized)
+        pre_meta, harm_meta = read_sidecar(item.preproc), read_sidecar(item.harmonized)
         pre_metas.append(pre_meta)
         harm_metas.append(harm_meta)
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -11,19 +10,13 @@ import numpy as np
 
 from ..errors import WorkflowBuildError
 from ..harmonize.model_dir import ModelDirectory
+from ..imageio import load_float32, read_sidecar
 from ..templates import TEMPLATE_SPACE
 from .data import TrainingVolume
 
 __all__ = ["collect_training_volumes", "train_cohort_models"]
 
 LOGGER = logging.getLogger("ihf_bids.train")
-
-
-def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    return np.asarray(img.dataobj, dtype=np.float32), img.affine
 
 
 #: DWI volumes kept per shell and run, spread over the gradient directions: a site's profile
@@ -48,17 +41,17 @@ def collect_training_volumes(output_dir: Path, modalities: tuple[str, ...] = ("T
     for modality in modalities:
         pattern = f"sub-*/**/*_space-{TEMPLATE_SPACE}*_desc-preproc_{modality}.nii.gz"
         for path in sorted(output_dir.glob(pattern)):
-            sidecar = Path(str(path)[: -len(".nii.gz")] + ".json")
-            site = json.loads(sidecar.read_text()).get("Site") if sidecar.is_file() else None
+            site = read_sidecar(path).get("Site")
             if not site:
-                raise WorkflowBuildError(f"{sidecar} has no Site field; re-run the participant level for it")
+                raise WorkflowBuildError(f"the sidecar of {path} has no Site field; re-run the participant level "
+                                         "for it")
             subject = parse_entities(path)["sub"]
-            data, _ = _load(path)
+            data, _ = load_float32(path)
             if modality != "dwi":
                 groups.setdefault("anat", []).append(TrainingVolume(data, site, modality, subject, mask=data > 0))
                 continue
             mask_path = Path(str(path).replace("_desc-preproc_dwi.nii.gz", "_desc-brain_mask.nii.gz"))
-            mask = _load(mask_path)[0] > 0.5
+            mask = load_float32(mask_path)[0] > 0.5
             bvals = np.loadtxt(str(path).replace(".nii.gz", ".bval"), ndmin=1)
             labels = shell_labels(bvals)
             scales = shell_intensity_scales(data, labels, mask)
