@@ -57,5 +57,24 @@ class RunConfig:
         return self.model_dir is not None and (self.target_site is not None or self.target_reference is not None)
 
     def to_json(self) -> str:
-        """The settings as JSON (paths as strings)."""
-        return json.dumps(asdict(self), default=str, indent=2, sort_keys=True)
+        """The settings as JSON (paths as strings), with what a re-run needs to compare.
+
+        Besides the fields (``random_seed``, ``versions`` of the libraries, ``device`` as
+        asked...), ``network_device`` is the device the network runs on here (``cpu`` or
+        ``cuda (<GPU name>)``): bit-identical re-runs need the same seed, ``omp_nthreads``,
+        versions and device.
+        """
+        fields = asdict(self)
+        fields["network_device"] = _network_device(self.device)
+        return json.dumps(fields, default=str, indent=2, sort_keys=True)
+
+
+def _network_device(device: str) -> str:
+    """What ``device`` resolves to on this machine, as sidecars name it; the error text if it cannot."""
+    from .harmonize.device import resolve_device
+    from .harmonize.files import device_description
+
+    try:
+        return device_description(resolve_device(device))
+    except Exception as err:  # noqa: BLE001 - a record, never a reason to fail the run
+        return f"unavailable ({err.__class__.__name__}: {err})"

@@ -43,11 +43,25 @@ def save_image(data: np.ndarray, affine: np.ndarray, out_file: str | os.PathLike
 
 
 def load_float32(path: str | os.PathLike[str]):
-    """Read an image; return its data as a float32 array and the nibabel image (header, affine)."""
+    """Read an image; return its data as a float32 array and the nibabel image (header, affine).
+
+    Raises
+    ------
+    ihf_bids.errors.InputDataError
+        The file is missing, truncated or not an image (exit code 65); the message names it.
+    """
     import nibabel as nib
 
-    img = nib.load(str(path))
-    return np.asarray(img.dataobj, dtype=np.float32), img
+    from .errors import InputDataError
+
+    try:
+        img = nib.load(str(path))
+        return np.asarray(img.dataobj, dtype=np.float32), img
+    except Exception as err:
+        raise InputDataError(
+            f"{path} cannot be read ({err.__class__.__name__}: {err}); the file is missing, truncated or "
+            "corrupt: if it is an ihf-bids output, delete it and re-run the participant level for it"
+        ) from err
 
 
 def read_sidecar(image_path: str | os.PathLike[str] | None) -> dict:
@@ -57,7 +71,7 @@ def read_sidecar(image_path: str | os.PathLike[str] | None) -> dict:
     if image_path is None:
         return {}
     name = str(image_path)
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") else name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name.removesuffix(".nii")
     try:
         value = json.loads(Path(stem + ".json").read_text())
     except (OSError, ValueError):

@@ -95,7 +95,7 @@ def test_no_dataset_description(tmp_path, caplog):
 
 
 def test_bad_gradients_fail_the_run_and_name_the_file(tmp_path, caplog):
-    """A bval with fewer entries than volumes: exit 1, the crash names the file; nothing half-written."""
+    """A bval with fewer entries than volumes: refused before any work (exit 65), naming the file."""
     from ihf_bids.phantom import generate_phantom
 
     dataset = generate_phantom(tmp_path / "bids", n_subjects=1, n_sites=1, size="tiny", seed=4, modalities=("dwi",))
@@ -104,8 +104,8 @@ def test_bad_gradients_fail_the_run_and_name_the_file(tmp_path, caplog):
     out = tmp_path / "out"
     code = main([str(dataset.root), str(out), "participant", "-w", str(tmp_path / "work"), "--skip-bids-validation",
                  "--dwi-resolution", "4", "--nprocs", "1"])
-    assert code == 1
-    assert bval.name in caplog.text
+    assert code == 65
+    assert bval.name in caplog.text and "nothing was processed" in caplog.text
     assert not list(out.rglob("*_dwi.nii.gz"))
     assert not list(out.rglob("*.tmp"))
 
@@ -116,3 +116,48 @@ def test_qc_baseline_choices_match_the_evaluation():
     from ihf_bids.qc.evaluation import BASELINES
 
     assert QC_BASELINES == BASELINES
+
+
+def test_processing_failure_lists_only_this_runs_crash_reports(tmp_path, caplog):
+    """An image that passes the pre-flight but breaks a step: exit 1, the crash is this run's own."""
+    import nibabel as nib
+    import numpy as np
+
+    from ihf_bids.phantom import generate_phantom
+
+    dataset = generate_phantom(tmp_path / "bids", n_subjects=1, n_sites=1, size="tiny", seed=4,
+                               modalities=("T1w",))
+    t1w = next(dataset.root.rglob("*_T1w.nii.gz"))
+    img = nib.load(t1w)
+    data = np.zeros(img.shape, dtype=np.float32)
+    data[0, 0, 0] = 100.0  # not constant (passes the checks), but nothing for N4 to work on
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), t1w)
+    argv = [str(dataset.root), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
+            "--skip-bids-validation", "--anat-resolution", "4", "--nprocs", "1"]
+    assert main(argv) == 1
+    first = sorted((tmp_path / "work" / "crash").glob("crash-*.txt"))
+    assert first and t1w.name in caplog.text
+    caplog.clear()
+    assert main(argv) == 1
+    crashes = sorted((tmp_path / "work" / "crash").glob("crash-*.txt"))
+    listed = next(r.getMessage() for r in caplog.records if "Crash reports:" in r.getMessage())
+    new = [c for c in crashes if c not in first]
+    assert new and all(str(c) in listed for c in new)
+    assert not any(str(c) in listed for c in first)
+    assert not list((tmp_path / "out").rglob("*_T1w.nii.gz"))
+
+
+def test_main_gives_the_callers_environment_back(tmp_path):
+    """A run sends scratch files into its work dir; a caller in the same process keeps its own TMPDIR."""
+    import os
+    import tempfile
+
+    from ihf_bids.phantom import generate_phantom
+
+    dataset = generate_phantom(tmp_path / "bids", n_subjects=1, n_sites=1, size="tiny", seed=4, modalities=("T1w",))
+    before = dict(os.environ)
+    tempdir = tempfile.gettempdir()
+    main([str(dataset.root), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
+          "--skip-bids-validation", "--participant-label", "nobody"])  # refused (exit 2) after the set-up
+    assert dict(os.environ) == before
+    assert tempfile.gettempdir() == tempdir

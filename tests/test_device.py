@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ihf_bids.errors import UsageError
 from ihf_bids.harmonize.device import CPU_BATCH_SIZE, batch_size_from_memory, fit_batch_size, resolve_device
 
 
@@ -13,7 +14,7 @@ def test_auto_is_cpu_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     assert resolve_device("auto") == "cpu"
-    with pytest.raises(RuntimeError, match="--gpus all"):
+    with pytest.raises(UsageError, match="--gpus all"):
         resolve_device("cuda")
 
 

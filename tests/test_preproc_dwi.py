@@ -183,7 +183,7 @@ def test_read_gradients_renormalizes_and_zeroes_b0(tmp_path):
 # --------------------------------------------------------------------------- #
 def test_load_dwi_refuses_bad_images(tmp_path):
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    good = _save(np.ones((4, 4, 4, 3)), affine, tmp_path / "good.nii.gz")
+    good = _save(np.random.default_rng(0).uniform(1, 2, (4, 4, 4, 3)), affine, tmp_path / "good.nii.gz")
     _, data = load_dwi(good)
     assert data.shape == (4, 4, 4, 3) and data.dtype == np.float32
 
@@ -201,6 +201,7 @@ def test_load_dwi_refuses_bad_images(tmp_path):
         _save(np.ones((4, 4, 4)), affine, tmp_path / "three_d.nii.gz"): "4-D",
         _save(nan, affine, tmp_path / "nan.nii.gz"): "NaN",
         _save(np.zeros((4, 4, 4, 3)), affine, tmp_path / "zero.nii.gz"): "all zero",
+        _save(np.full((4, 4, 4, 3), 7.0), affine, tmp_path / "constant.nii.gz"): "every voxel equals 7",
     }
     for path, fragment in cases.items():
         with pytest.raises(InputDataError, match=fragment) as info:

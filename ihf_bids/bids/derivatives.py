@@ -46,12 +46,12 @@ from typing import Any
 from ..harmonize.checkpoint import write_bytes_atomically
 
 __all__ = [
-    "copy_atomically",
     "BIDSIGNORE_PATTERNS",
     "BIDS_VERSION",
     "CODE_URL",
     "ENTITY_ORDER",
     "bids_uri",
+    "copy_atomically",
     "derivative_path",
     "parse_entities",
     "write_bidsignore",
@@ -223,6 +223,10 @@ def _label(key: str, value: Any) -> str:
     return text
 
 
+#: BIDS datatype folders a derivative may go into (never a path: names are built from these)
+DATATYPES = ("anat", "dwi", "func", "fmap", "perf", "figures")
+
+
 def derivative_path(
     output_dir: str | os.PathLike[str],
     source_file_or_entities: str | os.PathLike[str] | Mapping[str, Any],
@@ -321,6 +325,8 @@ def derivative_path(
     datatype = datatype or src_datatype or _SUFFIX_DATATYPE.get(suffix) or _SUFFIX_DATATYPE.get(src_suffix or "")
     if datatype is None:
         raise ValueError(f"cannot tell the datatype directory of a '{suffix}' file; pass datatype=")
+    if datatype not in DATATYPES:
+        raise ValueError(f"unknown BIDS datatype {datatype!r} (known: {', '.join(DATATYPES)})")
 
     parts = [f"{key}-{_label(key, entities[key])}" for key in ENTITY_ORDER if key in entities]
     name = "_".join([*parts, suffix]) + extension

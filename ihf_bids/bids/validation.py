@@ -177,8 +177,10 @@ def validate_dataset(
     if participant_labels is not None:
         keep = {str(label).removeprefix("sub-") for label in participant_labels}
     errors, warnings = [], []
+    ignored = 0
     for raw in issues:
         if keep is not None and _other_subject(raw.get("location"), keep):
+            ignored += 1
             continue
         issue = _issue(raw, code_messages)
         (errors if issue.severity == "error" else warnings).append(issue)
@@ -192,10 +194,16 @@ def validate_dataset(
     if raise_on_error is None:
         raise_on_error = not derivative
     if raise_on_error and errors:
+        if keep is None:
+            scope = (f"{VALIDATOR} checks the whole dataset, every participant included, not only those "
+                     "selected with --participant-label")
+        else:
+            scope = (f"{VALIDATOR} checked the whole dataset; {ignored} issue(s) in participants not selected "
+                     "were ignored")
         raise InputDataError(
             f"{root} is not a valid BIDS dataset ({len(errors)} error(s) from {VALIDATOR}):\n"
             f"{result.format_errors()}\n"
-            "Fix the dataset (a .bidsignore file at its root hides files that are not BIDS), "
+            f"({scope}.) Fix the dataset (a .bidsignore file at its root hides files that are not BIDS), "
             f"or {_SKIP_HINT}."
         )
     return result

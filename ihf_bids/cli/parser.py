@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="harmonize to this single preprocessed image (template space, e.g. a "
                            "desc-preproc image of ihf-bids) instead of a site profile")
     harm.add_argument("--model", metavar="DIR_OR_NAME", default="ihf-harmony",
-                      help="a model directory, or a name under output_dir/models/")
+                      help="a model directory, or a name under output_dir/models/ (with group --train: the name "
+                           "of the model to write, letters, digits, ., _ and -)")
     harm.add_argument("--registration", choices=["affine", "syn"], default="affine",
                       help="anatomical registration to the template")
     harm.add_argument("--anat-resolution", type=_voxel_size, default=1.0, metavar="MM",

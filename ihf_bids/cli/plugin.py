@@ -83,7 +83,7 @@ def run_settings(settings: dict, *, nprocs: int, mem_gb: float | None = None) ->
     """``workflow.run`` keyword arguments and nipype ``execution`` settings for a plugin file.
 
     MultiProc gets the app's defaults where the file leaves them out: ``n_procs`` from
-    ``--nprocs``, ``memory_gb`` from ``--mem``, workers started from a forkserver (see
+    ``--nprocs``, ``memory_gb`` from ``--mem``, workers started with spawn (see
     docs/app-design.md, Scheduling) and no failure when a node asks for more than is free.
     Batch-scheduler plugins are polled every :data:`SCHEDULER_POLL_SECONDS` rather than the
     app's 0.1 s, which suits local processes but not ``squeue``.
@@ -99,7 +99,7 @@ def run_settings(settings: dict, *, nprocs: int, mem_gb: float | None = None) ->
     if plugin == "MultiProc":
         args.setdefault("n_procs", nprocs)
         args.setdefault("raise_insufficient", False)
-        args.setdefault("mp_context", "forkserver")
+        args.setdefault("mp_context", "spawn")
         if mem_gb:
             args.setdefault("memory_gb", mem_gb)
     elif plugin not in ("Linear", "LegacyMultiProc", "IPython"):

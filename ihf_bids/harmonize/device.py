@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 __all__ = ["CPU_BATCH_SIZE", "batch_size_from_memory", "fit_batch_size", "free_gpu_memory", "resolve_device"]
 
 
@@ -10,21 +12,30 @@ def resolve_device(device: str = "auto") -> str:
 
     Raises
     ------
-    RuntimeError
-        If CUDA is requested explicitly but not available.
+    ihf_bids.errors.UsageError
+        If CUDA is requested explicitly but not available (exit code 2).
     """
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"--device {device} was requested but no CUDA GPU is visible to PyTorch; "
-            "use --device cpu (or auto), or run the container with GPU access (docker --gpus all, "
-            "singularity --nv)."
+        from ..errors import UsageError
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UsageError(
+            f"--device {device} was requested but no CUDA GPU is visible to PyTorch"
+            + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+            + "; use --device cpu (or auto), or run the container with GPU access (docker --gpus all, "
+            "apptainer --nv)."
         )
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device.startswith("cuda:") and int(device.split(":", 1)[1]) >= torch.cuda.device_count():
+        from ..errors import UsageError
+
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                         "use --device cuda (the first one) or a smaller index")
     return device
 
 

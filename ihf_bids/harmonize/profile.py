@@ -97,9 +97,11 @@ class TargetProfile:
                 meta = json.loads(str(data["metadata"]))
                 embeddings = data["embeddings"]
         except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"{path} is not a readable ihf-bids target profile ({err})") from err
+            raise ValueError(f"{path} is not a readable ihf-bids target profile ({err}); copy the whole model "
+                             "directory again or retrain") from err
         if meta.get("format") != _FORMAT or meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{path} is not an ihf-bids target profile of format version {_FORMAT_VERSION}")
+            raise ValueError(f"{path} is not an ihf-bids target profile of format version {_FORMAT_VERSION}; use "
+                             "the ihf-bids version that wrote the model, or retrain")
         return cls(
             site=meta["site"],
             modality=meta["modality"],

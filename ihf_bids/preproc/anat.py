@@ -48,8 +48,10 @@ __all__ = [
     "MAX_VOXEL_SIZE_MM",
     "MIN_VOXEL_SIZE_MM",
     "N4_CONVERGENCE",
+    "QSFORM_TOLERANCE_VOXELS",
     "brain_mask_via_template",
     "check_anatomical_image",
+    "check_spatial_header",
     "conform_to_ras",
     "dice",
     "foreground_mask",
@@ -61,6 +63,9 @@ __all__ = [
 #: Voxel sizes (mm) outside this range are refused as a header error.
 MIN_VOXEL_SIZE_MM = 0.2
 MAX_VOXEL_SIZE_MM = 8.0
+#: qform and sform (both with a code) may place the grid this many voxels apart at most
+#: (float32 quaternions round the qform a little; a real disagreement is refused).
+QSFORM_TOLERANCE_VOXELS = 0.1
 
 #: N4 iterations per fitting level and convergence threshold. Four levels of at most
 #: 50 iterations on a 4x shrunken image: about 25 s for a 1 mm whole-head T1w on 2
@@ -90,6 +95,17 @@ _OBLIQUE_TOLERANCE_DEG = 0.01
 # --------------------------------------------------------------------------- #
 # loading and checking
 # --------------------------------------------------------------------------- #
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception on one line (library messages may hold newlines).
+
+    Examples
+    --------
+    >>> _one_line(OSError("Expected 10 bytes, got 5 bytes from \\n - could the file be damaged?"))
+    'OSError: Expected 10 bytes, got 5 bytes from - could the file be damaged?'
+    """
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def load_anatomical(path: str | os.PathLike[str]) -> nib.Nifti1Image:
     """Load a 3-D anatomical image, refusing files that cannot be used.
 
@@ -135,7 +151,7 @@ def load_anatomical(path: str | os.PathLike[str]) -> nib.Nifti1Image:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many kinds for broken files
         raise InputDataError(
-            f"{path}: cannot be read as a NIfTI image ({type(exc).__name__}: {exc}); "
+            f"{path}: cannot be read as a NIfTI image ({_one_line(exc)}); "
             "the file is corrupt or not NIfTI. Re-export or re-convert it (e.g. dcm2niix) "
             "and check that it is not truncated."
         ) from exc
@@ -148,7 +164,7 @@ def load_anatomical(path: str | os.PathLike[str]) -> nib.Nifti1Image:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:
         raise InputDataError(
-            f"{path}: the image data cannot be read ({type(exc).__name__}: {exc}); the file "
+            f"{path}: the image data cannot be read ({_one_line(exc)}); the file "
             "is probably truncated or corrupt. Copy or convert it again."
         ) from exc
     if data.ndim > 3:
@@ -176,6 +192,58 @@ def load_anatomical(path: str | os.PathLike[str]) -> nib.Nifti1Image:
             + (" (the image is empty)" if low == 0 else "")
             + "; the image holds no anatomy. Check the conversion or remove the file."
         )
+    check_spatial_header(img, path)
+    qform, qcode = img.get_qform(coded=True)
+    sform, scode = img.get_sform(coded=True)
+    affine = np.asarray(img.affine, dtype=float)
+    out = nib.Nifti1Image(data.astype(np.float32, copy=False), affine)
+    if qform is not None and qcode:
+        out.set_qform(qform, code=int(qcode))
+    else:
+        out.set_qform(None, code=0)
+    if sform is not None and scode:
+        out.set_sform(sform, code=int(scode))
+    else:
+        out.set_sform(None, code=0)
+    xyz_units = img.header.get_xyzt_units()[0]
+    out.header.set_xyzt_units(xyz=xyz_units if xyz_units != "unknown" else "mm", t="sec")
+    out.header.set_data_dtype(np.float32)
+    return out
+
+
+def check_spatial_header(img: nib.Nifti1Image, path: str | os.PathLike[str]) -> None:
+    """Refuse a NIfTI header whose placement in space cannot be trusted.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        The loaded image (header and affine).
+    path : path
+        Its file, named in the message.
+
+    Raises
+    ------
+    InputDataError
+        Both qform and sform codes 0 (orientation unknown); qform and sform both set but
+        placing the image more than a tenth of a voxel apart (tools disagree on which to
+        use: nibabel takes the sform, ANTs/ITK the qform when the sform code is not 1);
+        a degenerate or non-finite affine; or voxel sizes outside 0.2-8 mm (wrong units
+        or pixdim).
+
+    Examples
+    --------
+    >>> import nibabel as nib
+    >>> img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    >>> img.set_qform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+    >>> check_spatial_header(img, "ok.nii.gz") is None
+    True
+    >>> shifted = np.diag([2.0, 2.0, 2.0, 1.0]); shifted[0, 3] = 5.0
+    >>> img.set_sform(shifted, code=2)
+    >>> check_spatial_header(img, "bad.nii.gz")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ihf_bids.errors.InputDataError: bad.nii.gz: its qform (code 1) and sform (code 2) disagree...
+    """
     qform, qcode = img.get_qform(coded=True)
     sform, scode = img.get_sform(coded=True)
     if not qcode and not scode:
@@ -195,19 +263,27 @@ def load_anatomical(path: str | os.PathLike[str]) -> nib.Nifti1Image:
             f"{MIN_VOXEL_SIZE_MM}-{MAX_VOXEL_SIZE_MM} mm; the header is probably wrong (units or "
             "pixdim). Fix the voxel size in the header."
         )
-    out = nib.Nifti1Image(data.astype(np.float32, copy=False), affine)
-    if qform is not None and qcode:
-        out.set_qform(qform, code=int(qcode))
-    else:
-        out.set_qform(None, code=0)
-    if sform is not None and scode:
-        out.set_sform(sform, code=int(scode))
-    else:
-        out.set_sform(None, code=0)
-    xyz_units = img.header.get_xyzt_units()[0]
-    out.header.set_xyzt_units(xyz=xyz_units if xyz_units != "unknown" else "mm", t="sec")
-    out.header.set_data_dtype(np.float32)
-    return out
+    if qcode and scode and qform is not None and sform is not None:
+        shape = tuple(int(n) for n in img.shape[:3]) + (1,) * max(0, 3 - len(img.shape))
+        apart = _forms_apart_mm(np.asarray(qform, float), np.asarray(sform, float), shape)
+        voxel = float(np.min(np.sqrt((np.asarray(sform, float)[:3, :3] ** 2).sum(axis=0))))
+        if not np.isfinite(apart) or apart > QSFORM_TOLERANCE_VOXELS * voxel:
+            raise InputDataError(
+                f"{path}: its qform (code {int(qcode)}) and sform (code {int(scode)}) disagree: they place "
+                f"the image up to {apart:.3g} mm apart. Tools read such a file differently (nibabel uses "
+                "the sform, ANTs/ITK may use the qform), so its position in space is ambiguous. Make them "
+                "agree: copy the correct one over the other (e.g. 'fslorient -copysform2qform FILE' when "
+                "the sform is right, or reconvert from DICOM) before running."
+            )
+
+
+def _forms_apart_mm(qform: np.ndarray, sform: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance (mm) between where two affines put the corners of a grid of ``shape``."""
+    import itertools
+
+    corners = np.array(list(itertools.product(*[(0.0, float(n - 1)) for n in shape[:3]])))
+    corners = np.column_stack([corners, np.ones(len(corners))])
+    return float(np.max(np.linalg.norm((corners @ (qform - sform).T)[:, :3], axis=1)))
 
 
 def check_anatomical_image(path: str | os.PathLike[str]) -> Path:
@@ -251,10 +327,11 @@ def conform_to_ras(in_file: str | os.PathLike[str], out_file: str | os.PathLike[
     Returns
     -------
     dict
-        Record for the sidecar: ``original_orientation`` (axis codes, e.g. ``"LPS"``),
-        ``oblique`` (bool), ``obliquity_deg`` (largest axis deviation), ``voxel_size``
-        and ``shape`` (after reorientation, lists), ``reoriented`` (bool) and
-        ``out_file`` (str).
+        Record for the sidecar of the preprocessed image (the workflow merges it in):
+        ``original_orientation`` (axis codes of the input, e.g. ``"LPS"``),
+        ``reoriented`` (bool), ``oblique`` (bool), ``obliquity_deg`` (largest axis
+        deviation), ``voxel_size`` and ``shape`` (after reorientation, lists). The
+        output path is not part of it: a sidecar must not depend on the work directory.
     """
     import nibabel as nib
     from nibabel.affines import obliquity
@@ -264,7 +341,7 @@ def conform_to_ras(in_file: str | os.PathLike[str], out_file: str | os.PathLike[
     canonical = nib.as_closest_canonical(img)
     data = np.asarray(canonical.dataobj, dtype=np.float32)
     affine = np.asarray(canonical.affine, dtype=float)
-    out = save_image(data, affine, out_file)
+    save_image(data, affine, out_file)
     oblique_deg = float(np.degrees(np.max(np.abs(obliquity(affine)))))
     return {
         "original_orientation": orientation,
@@ -273,7 +350,6 @@ def conform_to_ras(in_file: str | os.PathLike[str], out_file: str | os.PathLike[
         "voxel_size": [round(float(v), 6) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],
         "shape": [int(n) for n in data.shape],
         "reoriented": orientation != "RAS",
-        "out_file": str(out),
     }
 
 
@@ -323,7 +399,8 @@ def n4_bias_correct(
         raise InputDataError(
             f"{in_file}: fewer than 8 positive voxels inside the bias-field mask"
             + (f" {mask_file}" if mask_file is not None else "")
-            + "; check that the image and mask are the right files."
+            + "; the image is (nearly) empty or mostly negative: view the input image, convert it again or "
+            "leave it out."
         )
     image = ants.from_nibabel_nifti(nifti_image(data, affine))
     mask_img = ants.from_nibabel_nifti(nifti_image(mask.astype(np.float32), affine))
@@ -634,7 +711,7 @@ def _load_mask_on_grid(mask_file: str | os.PathLike[str], img: nib.Nifti1Image, 
         mask = np.asarray(mask_img.dataobj, dtype=np.float32)
     except Exception as exc:
         raise InputDataError(
-            f"{mask_file}: the mask cannot be read ({type(exc).__name__}: {exc}); recreate it."
+            f"{mask_file}: the mask cannot be read ({_one_line(exc)}); recreate it."
         ) from exc
     mask = mask.reshape(mask.shape[:3]) if mask.ndim > 3 and int(np.prod(mask.shape[3:])) == 1 else mask
     if mask.shape != img.shape[:3] or not np.allclose(mask_img.affine, img.affine, atol=1e-3):

@@ -16,14 +16,16 @@ import numpy as np
 
 from ..errors import InputDataError
 from ..imageio import save_image
+from .anat import _one_line, check_spatial_header
 
 if TYPE_CHECKING:  # pragma: no cover
     import nibabel as nib
 
 __all__ = [
-    "spread_indices",
     "B0_THRESHOLD",
+    "MIN_TENSOR_DIRECTIONS",
     "b0_mean",
+    "distinct_directions",
     "dwi_brain_mask",
     "dwi_reference",
     "load_dwi",
@@ -32,6 +34,7 @@ __all__ = [
     "rotate_bvec_file",
     "rotate_bvecs",
     "shell_labels",
+    "spread_indices",
     "write_gradients",
 ]
 
@@ -40,6 +43,8 @@ B0_THRESHOLD = 50.0
 
 #: Largest tolerated deviation of a diffusion-weighted b-vector's norm from 1.
 BVEC_NORM_TOLERANCE = 0.1
+#: Distinct gradient directions a diffusion tensor fit needs (six unknowns besides S0).
+MIN_TENSOR_DIRECTIONS = 6
 
 
 def shell_labels(bvals: np.ndarray, *, tolerance: float = 100.0) -> list[str]:
@@ -194,6 +199,18 @@ def read_gradients(
     return bvals, bvecs
 
 
+def distinct_directions(bvals: np.ndarray, bvecs: np.ndarray) -> int:
+    """Number of distinct gradient directions among the diffusion-weighted volumes (b > 50).
+
+    Examples
+    --------
+    >>> distinct_directions(np.array([0, 1000, 1000, 1000]), np.array([[0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0]]))
+    2
+    """
+    weighted = np.asarray(bvecs, dtype=float)[np.asarray(bvals) > B0_THRESHOLD]
+    return int(np.unique(np.round(weighted, 3), axis=0).shape[0])
+
+
 def write_gradients(bvals: np.ndarray | None, bvecs: np.ndarray, *, bval_file: str | Path | None = None,
                     bvec_file: str | Path | None = None) -> None:
     """Write b-values (one row) and/or ``(n, 3)`` b-vectors (three rows) in FSL format."""
@@ -221,31 +238,38 @@ def load_dwi(path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     Raises
     ------
     InputDataError
-        Missing, corrupt or truncated file, not 4-D, NaN/Inf values, or all zero.
+        Missing, corrupt or truncated file, not 4-D, a header that cannot be trusted
+        (:func:`~ihf_bids.preproc.anat.check_spatial_header`), NaN/Inf values, all zero
+        or constant.
     """
     import nibabel as nib
 
     path = Path(path)
     if not path.is_file():
-        raise InputDataError(f"DWI file {path} does not exist")
+        raise InputDataError(f"DWI file {path} does not exist; check the path and the dataset")
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many kinds (ImageFileError, EOFError, zlib.error, OSError)
         raise InputDataError(
-            f"DWI file {path} cannot be read ({type(exc).__name__}: {exc}); it is corrupt or truncated, "
+            f"DWI file {path} cannot be read ({_one_line(exc)}); it is corrupt or truncated, "
             "convert the run again"
         ) from exc
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0, :]
     if data.ndim != 4 or data.shape[3] < 2:
         raise InputDataError(
-            f"DWI file {path} has shape {data.shape}; a DWI run is a 4-D series (b=0 and diffusion-weighted volumes)"
+            f"DWI file {path} has shape {data.shape}; a DWI run is a 4-D series (b=0 and diffusion-weighted "
+            "volumes): convert the whole run again (dcm2niix), or leave the file out with --bids-filter-file"
         )
+    check_spatial_header(img, path)
     if not np.isfinite(data).all():
         raise InputDataError(f"DWI file {path} holds NaN or infinite values; convert the run again")
     if not data.any():
         raise InputDataError(f"DWI file {path} is all zero; convert the run again")
+    low, high = float(data.min()), float(data.max())
+    if low == high:
+        raise InputDataError(f"DWI file {path}: every voxel equals {low:g}, the run holds no image; convert it again")
     return img, data
 
 

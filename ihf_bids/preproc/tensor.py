@@ -70,7 +70,7 @@ def fit_tensor(
     from dipy.reconst.dti import TensorModel
 
     from ..imageio import save_image
-    from .dwi import B0_THRESHOLD, load_dwi, read_gradients
+    from .dwi import B0_THRESHOLD, MIN_TENSOR_DIRECTIONS, distinct_directions, load_dwi, read_gradients
 
     img, data = load_dwi(dwi_file)
     bvals, bvecs = read_gradients(bval_file, bvec_file, data.shape[3])
@@ -80,8 +80,10 @@ def fit_tensor(
         if not (bvals[keep] > B0_THRESHOLD).any():
             raise InputDataError(f"{bval_file}: no diffusion-weighted volume with b <= {max_bval:g}")
     data, bvals, bvecs = data[..., keep], bvals[keep], bvecs[keep]
-    if np.unique(np.round(bvecs[bvals > B0_THRESHOLD], 3), axis=0).shape[0] < 6:
-        raise InputDataError(f"{bvec_file}: a tensor fit needs at least 6 distinct gradient directions")
+    if distinct_directions(bvals, bvecs) < MIN_TENSOR_DIRECTIONS:
+        within = f" with b <= {max_bval:g}" if max_bval is not None else ""
+        raise InputDataError(f"{bvec_file}: a tensor fit needs at least {MIN_TENSOR_DIRECTIONS} distinct gradient "
+                             f"directions{within}; leave the run out with --bids-filter-file")
     mask = _read_mask(mask_file, data.shape[:3], "brain mask")
     np.clip(data, 0, None, out=data)
 

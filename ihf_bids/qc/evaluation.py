@@ -90,17 +90,20 @@ def collect_images(output_dir: Path, modality: str) -> list[EvaluatedImage]:
 
     Raises
     ------
-    ValueError
-        For an image whose sidecar has no ``Site`` (re-run the participant level for it).
+    ihf_bids.errors.InputDataError
+        For an image whose sidecar has no ``Site`` (re-run the participant level for it), or
+        images on different grids (participant runs at different resolutions); exit code 65.
     """
     from ..bids.derivatives import parse_entities
+    from ..preproc.inputs import check_same_grid, derivative_site
 
     images = []
     suffix = f"desc-preproc_{modality}.nii.gz"
-    for path in sorted(output_dir.glob(f"sub-*/**/*_space-{TEMPLATE_SPACE}*_{suffix}")):
-        site = read_sidecar(path).get("Site")
-        if not site:
-            raise ValueError(f"{path} has no Site in its sidecar; re-run the participant level for it")
+    paths = sorted(output_dir.glob(f"sub-*/**/*_space-{TEMPLATE_SPACE}*_{suffix}"))
+    sites = {path: derivative_site(path) for path in paths}
+    check_same_grid(paths, what=f"preprocessed {modality} images")
+    for path in paths:
+        site = sites[path]
         entities = parse_entities(path)
         mask = _sibling(path, suffix, "desc-brain_mask.nii.gz")
         if mask is None:

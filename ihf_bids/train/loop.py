@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import sys
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..harmonize.checkpoint import write_bytes_atomically, save_model
+from ..errors import UsageError
+from ..harmonize.checkpoint import save_model, write_bytes_atomically
 from .data import SliceBank
 
-__all__ = ["TrainConfig", "TrainResult", "build_site_profiles", "load_train_preset", "train_model"]
+__all__ = ["TrainConfig", "TrainPresetError", "TrainResult", "build_site_profiles", "load_train_preset", "train_model",
+           "training_fingerprint"]
 
 LOGGER = logging.getLogger("ihf_bids.train")
 STATE_FILE = "train_state.pt"
@@ -53,21 +56,140 @@ class TrainConfig:
     loss: dict = field(default_factory=dict)
 
 
+class TrainPresetError(UsageError, ValueError):
+    """A ``--train-preset`` file that cannot be used (exit code 2); the message names the file and key."""
+
+
+_PRESET_HINT = "see pipelines/training/*.toml for examples"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_preset_value(name: str, key: str, value: object) -> None:
+    """Raise :class:`TrainPresetError` when ``train.<key>`` has the wrong type or range."""
+    problem = None
+    if key in ("steps", "batch_size", "checkpoint_every"):
+        if not _is_int(value) or value < 1:
+            problem = "must be an integer of at least 1"
+    elif key == "seed":
+        if not _is_int(value) or value < 0:
+            problem = "must be a non-negative integer"
+    elif key == "learning_rate":
+        if not _is_number(value) or not 0 < value < 10:
+            problem = "must be a positive number (e.g. 1e-4)"
+    elif key == "device":
+        if not isinstance(value, str) or not (value in ("auto", "cpu") or value.split(":")[0] == "cuda"):
+            problem = 'must be "auto", "cpu" or "cuda"'
+    elif key in ("architecture", "loss") and not isinstance(value, dict):
+        problem = f"must be a table ([train.{key}])"
+    if problem:
+        raise TrainPresetError(f"{name}: train.{key} = {value!r} {problem}; fix the file ({_PRESET_HINT})")
+
+
+def _check_architecture(name: str, table: dict) -> None:
+    from ..model.flow import FlowConfig, LevelConfig
+
+    known = set(FlowConfig.__dataclass_fields__)
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise TrainPresetError(f"{name}: unknown [train.architecture] settings {unknown}; known: {sorted(known)}")
+    for key in ("in_channels", "embedding_hidden"):
+        if key in table and (not _is_int(table[key]) or table[key] < 1):
+            raise TrainPresetError(f"{name}: train.architecture.{key} = {table[key]!r} must be an integer of at "
+                                   f"least 1; fix the file ({_PRESET_HINT})")
+    if "alpha_init" in table and not _is_number(table["alpha_init"]):
+        raise TrainPresetError(f"{name}: train.architecture.alpha_init = {table['alpha_init']!r} must be a number; "
+                               f"fix the file ({_PRESET_HINT})")
+    levels = table.get("levels")
+    fields = set(LevelConfig.__dataclass_fields__)
+    if not isinstance(levels, list) or not levels or not all(
+        isinstance(level, dict) and set(level) <= fields and all(_is_int(v) and v >= 1 for v in level.values())
+        for level in levels
+    ):
+        raise TrainPresetError(
+            f"{name}: train.architecture.levels = {levels!r} must be a non-empty list of tables "
+            "{ components = N, hidden = N } with integers of at least 1; fix the file "
+            f"({_PRESET_HINT})"
+        )
+
+
+def _check_loss(name: str, table: dict) -> None:
+    from dataclasses import fields
+
+    from ..model.losses import HarmonyLoss
+
+    known = {f.name for f in fields(HarmonyLoss)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise TrainPresetError(f"{name}: unknown [train.loss] settings {unknown}; known: {sorted(known)}")
+    for key, value in table.items():
+        ok = (isinstance(value, list) and value and all(_is_number(v) for v in value)) if key == "feature_scale" \
+            else (_is_int(value) if key == "num_queries" else _is_number(value))
+        if not ok:
+            raise TrainPresetError(f"{name}: train.loss.{key} = {value!r} has the wrong type; fix the file "
+                                   f"({_PRESET_HINT})")
+
+
 def load_train_preset(path: str | Path) -> TrainConfig:
     """Read a training preset (TOML with a ``[train]`` table of :class:`TrainConfig` fields).
 
-    Presets live in ``pipelines/training/``. Unknown keys raise ``ValueError``.
+    Presets live in ``pipelines/training/``.
+
+    Parameters
+    ----------
+    path : str or path
+        The TOML file (``--train-preset``).
+
+    Returns
+    -------
+    TrainConfig
+
+    Raises
+    ------
+    TrainPresetError
+        (a :class:`~ihf_bids.errors.UsageError` and a ``ValueError``; exit code 2) An
+        unreadable file, invalid TOML, no ``[train]`` table, unknown keys, or a value of
+        the wrong type or range; the message names the file and the key.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> bad = Path(tempfile.mkdtemp()) / "bad.toml"
+    >>> _ = bad.write_text("[train]\\nsteps = 'many'\\n")
+    >>> load_train_preset(bad)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ihf_bids.train.loop.TrainPresetError: --train-preset ...bad.toml: train.steps = 'many' must be an integer ...
     """
     import tomllib
 
-    with open(path, "rb") as handle:
-        table = tomllib.load(handle).get("train")
+    name = f"--train-preset {path}"
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as err:
+        raise TrainPresetError(f"{name} cannot be read ({err.strerror or err}); check the path") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise TrainPresetError(f"{name} is not valid TOML ({err}); fix the file ({_PRESET_HINT})") from err
+    table = document.get("train")
     if not isinstance(table, dict):
-        raise ValueError(f"{path}: no [train] table")
+        raise TrainPresetError(f"{name}: no [train] table; the settings go under [train] ({_PRESET_HINT})")
     known = set(TrainConfig.__dataclass_fields__)
     unknown = set(table) - known
     if unknown:
-        raise ValueError(f"{path}: unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        raise TrainPresetError(f"{name}: unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+    for key, value in table.items():
+        _check_preset_value(name, key, value)
+    if "architecture" in table:
+        _check_architecture(name, table["architecture"])
+    if "loss" in table:
+        _check_loss(name, table["loss"])
     return TrainConfig(**table)
 
 
@@ -82,10 +204,70 @@ class TrainResult:
     profiles: dict
 
 
-def _save_state(path: Path, model, optimizer, scaler, step: int, rng, loss_generator, history) -> None:
+#: Settings that do not change what a step computes: a state saved under other values of
+#: these is resumed (more steps continue a shorter run; checkpoints may come more often).
+_RESUMABLE_ACROSS = ("steps", "checkpoint_every", "device")
+
+
+def training_fingerprint(bank: SliceBank, config: TrainConfig) -> str:
+    """sha256 of what decides a training run step by step: its settings and its volumes.
+
+    Every :class:`TrainConfig` field except ``steps``, ``checkpoint_every`` and ``device``,
+    the package version, and each volume's labels, intensity scale, voxels and mask. A
+    ``train_state.pt`` (and the profiles beside it) is resumed only under the same fingerprint.
+    """
+    from .. import __version__
+
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_ACROSS}
+    digest.update(json.dumps({"settings": settings, "version": __version__}, sort_keys=True, default=str).encode())
+    for volume in bank.volumes:
+        scale = None if volume.scale is None else float(volume.scale.scale)
+        labels = [volume.site, volume.modality, volume.subject, scale, list(volume.data.shape), str(volume.data.dtype)]
+        digest.update(json.dumps(labels).encode())
+        digest.update(np.ascontiguousarray(volume.data).tobytes())
+        if volume.mask is not None:
+            digest.update(np.ascontiguousarray(volume.mask, dtype=bool).tobytes())
+    return digest.hexdigest()
+
+
+def _discard_stale_state(output_dir: Path, fingerprint: str, steps: int, device: str) -> None:
+    """Remove ``train_state.pt`` and the profiles when they come from another training set-up.
+
+    A state without a fingerprint (an older version), with another one (other volumes, sites or
+    settings) or past ``steps`` cannot continue this run; the run starts afresh, with a warning.
+    """
+    import shutil
+
+    import torch
+
+    state_path = output_dir / STATE_FILE
+    if not state_path.is_file():
+        return
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        found, step = state.get("fingerprint"), int(state["step"])
+    except Exception as err:  # noqa: BLE001 - an unreadable state is as good as none
+        found, step = f"unreadable ({err.__class__.__name__})", -1
+    if found == fingerprint and 0 <= step <= steps:
+        return
+    if str(found).startswith("unreadable"):
+        why = f"it cannot be read safely ({found.removeprefix('unreadable ')[1:-1]}; only tensors are loaded)"
+    elif found == fingerprint:
+        why = f"it was saved at step {step}, past the {steps} steps asked for"
+    else:
+        why = "it comes from another training set-up (other volumes, sites or settings)"
+    LOGGER.warning("not resuming %s: %s; training afresh (its profiles are rebuilt too)", state_path, why)
+    state_path.unlink(missing_ok=True)
+    shutil.rmtree(output_dir / "profiles", ignore_errors=True)
+
+
+def _save_state(path: Path, model, optimizer, scaler, step: int, rng, loss_generator, history,
+                fingerprint: str) -> None:
     import torch
 
     payload = {
+        "fingerprint": fingerprint,
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -167,7 +349,6 @@ def train_model(
     )
     from ..model.losses import ANATOMY_LAYERS
     from ..model.vgg import ARTEFACT_LAYERS
-
     from .distributed import init_distributed
 
     device = resolve_device(config.device)
@@ -176,6 +357,9 @@ def train_model(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
+    fingerprint = training_fingerprint(bank, config)
+    if dist.is_main:
+        _discard_stale_state(output_dir, fingerprint, config.steps, device)
 
     torch.manual_seed(config.seed)
     arch = FlowConfig.from_dict(config.architecture) if config.architecture else FlowConfig()
@@ -207,6 +391,8 @@ def train_model(
         history = json.loads(state["history"])
         start = int(state["step"])
         LOGGER.info("resuming training from step %d (%s)", start, state_path)
+    elif dist.is_main:  # the fingerprint vouches for the profiles before the first step
+        _save_state(state_path, model, optimizer, scaler, 0, rng, loss_generator, history, fingerprint)
 
     features_layers = tuple(dict.fromkeys(ARTEFACT_LAYERS + ANATOMY_LAYERS))
     net = dist.wrap(model, device)  # the model itself in a single process
@@ -308,7 +494,7 @@ def train_model(
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
         if dist.is_main and ((step + 1) % max(1, config.checkpoint_every) == 0 or step + 1 == config.steps):
-            _save_state(state_path, model, optimizer, scaler, step + 1, rng, loss_generator, history)
+            _save_state(state_path, model, optimizer, scaler, step + 1, rng, loss_generator, history, fingerprint)
         log_lines = dist.is_main and (bar is None or bar.disable)
         if log_lines and ((step + 1) % 10 == 0 or step + 1 == config.steps):
             elapsed = time.monotonic() - t0

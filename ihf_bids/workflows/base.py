@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING
 from ..templates import TEMPLATE_SPACE
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from nipype.pipeline.engine import Workflow
 
     from ..bids.layout import SessionInputs
     from ..config import RunConfig
 
-__all__ = ["TemplateFiles", "init_ihf_bids_wf", "init_single_session_wf", "write_template_files"]
+__all__ = ["TemplateFiles", "init_ihf_bids_wf", "init_single_session_wf", "source_of_node", "write_template_files"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,44 @@ def _session_name(session: SessionInputs) -> str:
     return f"sub_{session.subject}" + (f"_ses_{session.session}" if session.session else "") + "_wf"
 
 
+def _anat_files(config: RunConfig, session: SessionInputs) -> list[tuple[str, Path]]:
+    """The session's anatomical images in workflow order (``anat_<index>_<modality>_wf``)."""
+    files = [("T1w", f) for f in session.t1w if "T1w" in config.modalities]
+    return files + [("T2w", f) for f in session.t2w if "T2w" in config.modalities]
+
+
+def source_of_node(node: str, *, config: RunConfig, sessions: Sequence[SessionInputs]) -> Path | None:
+    """The input image a node of :func:`init_ihf_bids_wf` was processing, from its full name.
+
+    Parameters
+    ----------
+    node : str
+        nipype's dotted node name, e.g. ``ihf_bids_wf.sub_01_ses_A_wf.anat_0_T1w_wf.n4``
+        (the first line of a crash report).
+    config : RunConfig
+        The run's configuration (selects the modalities).
+    sessions : sequence of SessionInputs
+        The run's sessions.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The T1w/T2w image or DWI run, or ``None`` when the node belongs to no single input.
+    """
+    parts = node.split(".")
+    by_name = {_session_name(s): s for s in sessions}
+    session = next((by_name[p] for p in parts if p in by_name), None)
+    if session is None:
+        return None
+    for part in parts:
+        kind, _, rest = part.partition("_")
+        index = rest.split("_", 1)[0]
+        if kind in ("anat", "dwi") and index.isdigit():
+            files = _anat_files(config, session) if kind == "anat" else [("dwi", r.nifti) for r in session.dwi]
+            return files[int(index)][1] if int(index) < len(files) else None
+    return None
+
+
 def _missing_target_shells(config: RunConfig, run) -> list[str]:
     """Shells of a DWI run that the target site has no profile for (reported, never guessed)."""
     import logging
@@ -111,8 +151,7 @@ def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: s
     from .outputs import init_anat_outputs_wf, init_dwi_outputs_wf
 
     wf = pe.Workflow(name=_session_name(session))
-    anat_files = [("T1w", f) for f in session.t1w if "T1w" in config.modalities]
-    anat_files += [("T2w", f) for f in session.t2w if "T2w" in config.modalities]
+    anat_files = _anat_files(config, session)
     reference = None
     for index, (modality, path) in enumerate(anat_files):
         is_reference = reference is None

@@ -85,7 +85,7 @@ def init_anat_outputs_wf(
     res = None if template.anat_resolution == 1.0 else resolution_label(template.anat_resolution)
     space = {"space": TEMPLATE_SPACE, "res": res}
     common = {"SkullStripped": True, "Site": site, "Resolution": _resolution(template.anat_resolution),
-              "RegistrationToTemplate": config.registration}
+              "RegistrationToTemplate": config.registration, "RandomSeed": config.random_seed}
     preproc = _sink(config, source_file, "ds_preproc", {**space, "desc": "preproc", "suffix": modality},
                     {**common, "IntensityNormalization": "99th percentile inside the brain mask set to 1000"})
     wf.connect([(inputnode, preproc, [("preproc", "in_file"), ("conform_record", "metadata_extra")])])
@@ -146,7 +146,8 @@ def init_dwi_outputs_wf(*, config: RunConfig, source_file: str, site: str, templ
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(["dwi", "bval", "bvec", "mask"]), name="inputnode")
     space = {"space": TEMPLATE_SPACE, "res": resolution_label(template.dwi_resolution)}
-    common = {"SkullStripped": False, "Site": site, "Resolution": _resolution(template.dwi_resolution)}
+    common = {"SkullStripped": False, "Site": site, "Resolution": _resolution(template.dwi_resolution),
+              "RandomSeed": config.random_seed}
     if missing_shells:
         common["HarmonizationSkipped"] = (f"the target site {config.target_site} has no profile for "
                                           f"{', '.join(missing_shells)}")
