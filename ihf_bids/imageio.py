@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_float32", "nifti_image", "read_sidecar", "save_image"]
+__all__ = ["load_float32", "nifti_image", "read_sidecar", "save_image", "sidecar_path"]
 
 
 def nifti_image(data: np.ndarray, affine: np.ndarray, dtype: Any = np.float32):
@@ -64,16 +64,27 @@ def load_float32(path: str | os.PathLike[str]):
         ) from err
 
 
+def sidecar_path(image_path: str | os.PathLike[str]) -> Path:
+    """The JSON sidecar beside a ``.nii``/``.nii.gz`` image (whether or not it exists).
+
+    Examples
+    --------
+    >>> sidecar_path("sub-01/anat/sub-01_T1w.nii.gz").name
+    'sub-01_T1w.json'
+    """
+    name = str(image_path)
+    stem = name.removesuffix(".nii.gz") if name.endswith(".nii.gz") else name.removesuffix(".nii")
+    return Path(stem + ".json")
+
+
 def read_sidecar(image_path: str | os.PathLike[str] | None) -> dict:
     """The JSON sidecar of a ``.nii``/``.nii.gz`` image; ``{}`` when there is none or it is unreadable."""
     import json
 
     if image_path is None:
         return {}
-    name = str(image_path)
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name.removesuffix(".nii")
     try:
-        value = json.loads(Path(stem + ".json").read_text())
+        value = json.loads(sidecar_path(image_path).read_text())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}

@@ -63,9 +63,10 @@ def check_dwi_run(run: DWIRun) -> None:
         )
     _, data = load_dwi(run.nifti)
     bvals, bvecs = read_gradients(run.bval, run.bvec, data.shape[3])
-    if distinct_directions(bvals, bvecs) < MIN_TENSOR_DIRECTIONS:
+    directions = distinct_directions(bvals, bvecs)
+    if directions < MIN_TENSOR_DIRECTIONS:
         raise InputDataError(
-            f"b-vector file {run.bvec}: {distinct_directions(bvals, bvecs)} distinct gradient direction(s); "
+            f"b-vector file {run.bvec}: {directions} distinct gradient direction(s); "
             f"the tensor fit (FA) needs at least {MIN_TENSOR_DIRECTIONS}. Leave the run out with "
             "--bids-filter-file"
         )
@@ -122,12 +123,6 @@ def check_session_inputs(
 # --------------------------------------------------------------------------- #
 # the group level's inputs: derivatives of the participant level
 # --------------------------------------------------------------------------- #
-def _sidecar_of(image: Path) -> Path:
-    name = image.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name.rsplit(".", 1)[0]
-    return image.with_name(stem + ".json")
-
-
 def derivative_site(path: str | os.PathLike[str]) -> str:
     """The ``Site`` recorded in the sidecar of a derivative image.
 
@@ -157,8 +152,10 @@ def derivative_site(path: str | os.PathLike[str]) -> str:
     """
     import json
 
+    from ..imageio import sidecar_path
+
     image = Path(path)
-    sidecar = _sidecar_of(image)
+    sidecar = sidecar_path(image)
     try:
         content = json.loads(sidecar.read_text(encoding="utf-8"))
     except FileNotFoundError:
