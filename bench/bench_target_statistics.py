@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-prefix", type=Path, default=ROOT / "docs" / "benchmark-target-statistics")
     args = parser.parse_args(argv)
 
+    # Raw voxel arrays with the truth masks, no registration: the phantom stays on the template grid.
     dataset = generate_phantom(
-        args.workdir / "phantom", n_subjects=args.subjects, n_sites=3, size=args.size, overwrite=True, modalities=("T1w", "T2w")
+        args.workdir / "phantom", n_subjects=args.subjects, n_sites=3, size=args.size, overwrite=True,
+        modalities=("T1w", "T2w"), head_motion=False,
     )
     train = dataset.subjects[: args.subjects - args.test_subjects]
     test = dataset.subjects[args.subjects - args.test_subjects :]

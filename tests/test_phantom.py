@@ -15,7 +15,15 @@ from ihf_bids.phantom import (
     PHANTOM_SIZES,
     TISSUES,
     generate_phantom,
+    read_head_motion,
     site_protocols,
+)
+from ihf_bids.phantom.motion import (
+    HEAD_MOTION_CENTRE_MM,
+    HEAD_ROTATION_RANGE_DEG,
+    HEAD_TRANSLATION_MAX_MM,
+    HEAD_TRANSLATION_RANGE_MM,
+    HeadMotion,
 )
 from ihf_bids.phantom.tissues import mprage_signal, spgr_signal, spin_echo_signal
 from ihf_bids.templates import TEMPLATE_SPACE, template_grid
@@ -109,14 +117,15 @@ def test_nifti_headers(tiny_phantom):
     for site in ds.sites:
         img = nib.load(ds.image_path("02", site, "T1w"))
         assert img.shape == shape
-        np.testing.assert_allclose(img.affine, affine)
+        motion = ds.head_motion("02", site)  # the session's head position moves the grid
+        np.testing.assert_allclose(img.affine, motion @ affine, atol=1e-4)
         assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
         assert int(img.header["qform_code"]) > 0 and int(img.header["sform_code"]) > 0
         assert img.header.get_xyzt_units() == ("mm", "sec")
         assert img.get_data_dtype() == np.int16
         dwi = nib.load(ds.image_path("02", site, "dwi"))
         assert dwi.shape[:3] == dwi_shape and dwi.ndim == 4
-        np.testing.assert_allclose(dwi.affine, dwi_affine)
+        np.testing.assert_allclose(dwi.affine, motion @ dwi_affine, atol=1e-4)
         assert dwi.header.get_zooms()[3] == pytest.approx(ds.protocols[site].dwi.repetition_time)
     truth = nib.load(ds.truth_path("02", "GM"))
     assert truth.shape == shape and truth.get_data_dtype() == np.float32
@@ -151,6 +160,10 @@ def test_same_seed_same_data_different_seed_differs(tiny_phantom, tmp_path):
     for label in ("GM", "WM", "CSF"):
         np.testing.assert_array_equal(_data(same.truth_path("01", label)), _data(tiny_phantom.truth_path("01", label)))
         assert not np.array_equal(_data(other.truth_path("01", label)), _data(tiny_phantom.truth_path("01", label)))
+    # The head position is seeded too: same seed, same motion; another seed, another one.
+    motion = tiny_phantom.head_motion("01", "siemens")
+    np.testing.assert_array_equal(read_head_motion(same.root, "01", "siemens"), motion)
+    assert not np.allclose(read_head_motion(other.root, "01", "siemens"), motion)
 
 
 # --------------------------------------------------------------------------- #
@@ -266,6 +279,125 @@ def test_tensor_fit_gives_plausible_fa(tiny_phantom):
 
 
 # --------------------------------------------------------------------------- #
+# head position (per-session rigid motion in the headers)
+# --------------------------------------------------------------------------- #
+def _rotation_angle_deg(matrix: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def test_head_motion_recorded_and_shared_by_the_session(tiny_phantom):
+    ds = tiny_phantom
+    phantom = json.loads((ds.truth_root / "phantom.json").read_text())
+    assert "head_motion" in phantom["conventions"]
+    anat_shape, anat_grid = template_grid(ds.anat_voxel_size)
+    dwi_shape, dwi_grid = template_grid(ds.dwi_voxel_size)
+    matrices = {}
+    for sub in ds.subjects:
+        for site in ds.sites:
+            record = phantom["subjects"][f"sub-{sub}"]["sessions"][f"ses-{site}"]["head_motion"]
+            assert set(record) == {"world_to_scanner", "rotation_deg", "rotation_axis", "translation_mm", "centre_mm"}
+            m = np.asarray(record["world_to_scanner"])
+            assert m.shape == (4, 4)
+            np.testing.assert_array_equal(m, ds.head_motion(sub, site))
+            np.testing.assert_array_equal(m, read_head_motion(ds.root, sub, site))
+            np.testing.assert_array_equal(m, read_head_motion(ds.root, f"sub-{sub}", f"ses-{site}"))
+            # rigid, proper, and what the parameters say: R (x - c) + c + t
+            np.testing.assert_array_equal(m[3], [0.0, 0.0, 0.0, 1.0])
+            np.testing.assert_allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-12)
+            assert np.linalg.det(m[:3, :3]) == pytest.approx(1.0)
+            rebuilt = HeadMotion(record["rotation_deg"], tuple(record["rotation_axis"]),
+                                 tuple(record["translation_mm"]), tuple(record["centre_mm"])).matrix  # fmt: skip
+            np.testing.assert_allclose(m, rebuilt, atol=1e-12)
+            centre = np.array([*record["centre_mm"], 1.0])
+            np.testing.assert_allclose((m @ centre)[:3] - centre[:3], record["translation_mm"], atol=1e-9)
+            np.testing.assert_allclose(m[:3, :3] @ record["rotation_axis"], record["rotation_axis"], atol=1e-12)
+            # the documented ranges
+            assert record["centre_mm"] == list(HEAD_MOTION_CENTRE_MM) == [0.0, -18.0, 18.0]
+            assert HEAD_ROTATION_RANGE_DEG[0] <= record["rotation_deg"] <= HEAD_ROTATION_RANGE_DEG[1] == 6.0
+            assert _rotation_angle_deg(m) == pytest.approx(record["rotation_deg"], abs=1e-6)
+            assert np.linalg.norm(record["rotation_axis"]) == pytest.approx(1.0)
+            assert np.all(np.abs(record["translation_mm"]) <= HEAD_TRANSLATION_RANGE_MM)
+            assert np.linalg.norm(record["translation_mm"]) <= HEAD_TRANSLATION_MAX_MM + 1e-9
+            # every image of the session: its own grid, moved by the session's one M
+            for modality in ds.modalities:
+                img = nib.load(ds.image_path(sub, site, modality))
+                shape, grid = (dwi_shape, dwi_grid) if modality == "dwi" else (anat_shape, anat_grid)
+                assert img.shape[:3] == shape
+                np.testing.assert_allclose(img.affine, m @ grid, atol=1e-4)
+            matrices[sub, site] = m
+    # every session has its own head position (also each of one subject's sessions)
+    keys = list(matrices)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not np.allclose(matrices[a], matrices[b], atol=1e-3), (a, b)
+
+
+def test_head_motion_changes_the_headers_only(tiny_phantom, tmp_path):
+    """Without motion: template grid and identity; with it: the same voxels, bvecs and truth."""
+    moving = tiny_phantom
+    still = generate_phantom(tmp_path / "still", n_subjects=1, n_sites=2, seed=0, head_motion=False)
+    assert still.with_head_motion is False and moving.with_head_motion is True
+    phantom = json.loads((still.truth_root / "phantom.json").read_text())
+    assert "head_motion" not in phantom["conventions"]
+    assert "aligned to the MNI152NLin2009aSym template grid" in (still.root / "README").read_text()
+    assert "aligned to the MNI152NLin2009aSym template grid" not in (moving.root / "README").read_text()
+    for site in still.sites:
+        assert "head_motion" not in phantom["subjects"]["sub-01"]["sessions"][f"ses-{site}"]
+        np.testing.assert_array_equal(still.head_motion("01", site), np.eye(4))
+        np.testing.assert_array_equal(read_head_motion(still.root, "01", site), np.eye(4))
+        assert not np.allclose(moving.head_motion("01", site), np.eye(4))
+        for modality in still.modalities:
+            fixed = nib.load(still.image_path("01", site, modality))
+            moved = nib.load(moving.image_path("01", site, modality))
+            _, grid = template_grid(still.dwi_voxel_size if modality == "dwi" else still.anat_voxel_size)
+            np.testing.assert_array_equal(fixed.affine, grid)
+            np.testing.assert_array_equal(fixed.header.get_qform(), grid)
+            assert fixed.get_data_dtype() == moved.get_data_dtype()
+            np.testing.assert_array_equal(np.asanyarray(fixed.dataobj), np.asanyarray(moved.dataobj))
+            np.testing.assert_allclose(moved.affine, moving.head_motion("01", site) @ fixed.affine, atol=1e-4)
+        # gradients relative to the head, hence to the voxel axes, do not change
+        stem = str(still.image_path("01", site, "dwi"))[: -len(".nii.gz")]
+        moved_stem = str(moving.image_path("01", site, "dwi"))[: -len(".nii.gz")]
+        for ext in (".bvec", ".bval"):
+            assert Path(stem + ext).read_bytes() == Path(moved_stem + ext).read_bytes()
+    for label, grid in (("GM", "anat"), ("brain", "anat"), ("WM", "dwi"), ("fibre", "dwi")):
+        truth = still.truth_path("01", label, grid=grid)
+        assert truth.read_bytes() == moving.truth_path("01", label, grid=grid).read_bytes()
+
+
+def test_qform_and_sform_agree_on_oblique_images(tiny_phantom):
+    import itertools
+
+    ds = tiny_phantom
+    for sub in ds.subjects:
+        for site in ds.sites:
+            for modality in ds.modalities:
+                header = nib.load(ds.image_path(sub, site, modality)).header
+                qform, qcode = header.get_qform(coded=True)
+                sform, scode = header.get_sform(coded=True)
+                assert (int(qcode), int(scode)) == (1, 2)
+                assert not np.allclose(sform[:3, :3], np.diag(np.diag(sform[:3, :3])))  # oblique
+                ends = [(0, n - 1) for n in header.get_data_shape()[:3]]
+                corners = np.array([[*c, 1.0] for c in itertools.product(*ends)])
+                apart_mm = np.linalg.norm((corners @ (qform - sform).T)[:, :3], axis=1).max()
+                voxel = float(header.get_zooms()[0])
+                assert apart_mm < 1e-3 * voxel, (sub, site, modality, apart_mm)
+
+
+def test_read_head_motion_errors(tiny_phantom, tmp_path):
+    with pytest.raises(KeyError, match="sub-09"):
+        read_head_motion(tiny_phantom.root, "09", "ge")
+    with pytest.raises(KeyError, match="ses-nowhere"):
+        read_head_motion(tiny_phantom.root, "01", "nowhere")
+    with pytest.raises(FileNotFoundError):
+        read_head_motion(tmp_path, "01", "ge")
+    with pytest.raises(ValueError, match="unknown site"):
+        tiny_phantom.head_motion("01", "nowhere")
+    with pytest.raises(ValueError, match="unknown subject"):
+        tiny_phantom.head_motion("09", "ge")
+
+
+# --------------------------------------------------------------------------- #
 # sites, signal equations and API checks
 # --------------------------------------------------------------------------- #
 def test_site_protocols_are_stable_and_extendable():
@@ -342,6 +474,7 @@ def test_cli_help(phantom_cli):
     run = subprocess.run([phantom_cli, "--help"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0
     assert "OUTPUT_DIR" in run.stdout and "--subjects" in run.stdout and "--overwrite" in run.stdout
+    assert "--no-head-motion" in run.stdout
 
 
 def test_cli_generates_and_refuses_non_empty_dir(phantom_cli, tmp_path):
@@ -358,8 +491,12 @@ def test_cli_generates_and_refuses_non_empty_dir(phantom_cli, tmp_path):
     assert "not empty" in run.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
-    run = subprocess.run([*args, "--overwrite"], capture_output=True, text=True, timeout=120)
+    t1w = out / "sub-01" / "ses-ge" / "anat" / "sub-01_ses-ge_T1w.nii.gz"
+    assert not np.allclose(nib.load(t1w).affine, template_grid(4.0)[1], atol=1e-3)  # head motion by default
+    run = subprocess.run([*args, "--overwrite", "--no-head-motion"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+    np.testing.assert_array_equal(nib.load(t1w).affine, template_grid(4.0)[1])
+    np.testing.assert_array_equal(read_head_motion(out, "01", "ge"), np.eye(4))
 
 
 def test_cli_usage_errors(phantom_cli, tmp_path):

@@ -613,8 +613,13 @@ def test_non_ras_and_oblique_images_are_conformed_and_recorded(clean_phantom, tm
     """A T1w stored ILA (axes permuted and flipped) and an oblique one: processed, orientation in the sidecar."""
     from nibabel.eulerangles import euler2mat
 
+    from ihf_bids.phantom import read_head_motion
+
     bids = tmp_path / "bids"
     shutil.copytree(clean_phantom, bids)
+    for site, relpath in (("siemens", T1W_SIEMENS), ("ge", T1W_GE)):  # undo the phantom's head motion: not oblique
+        unmoved = np.linalg.inv(read_head_motion(bids, "01", site)) @ nib.load(bids / relpath).affine
+        rewrite(bids / relpath, affine=np.round(unmoved, 4))  # the template grid, exactly
     permuted = bids / T1W_SIEMENS
     to_ila = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt("ILA"))
     nib.save(nib.load(permuted).as_reoriented(to_ila), permuted)

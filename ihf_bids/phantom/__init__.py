@@ -6,15 +6,18 @@ See ``docs/phantom.md``.
 
 Examples
 --------
->>> from ihf_bids.phantom import generate_phantom
+>>> from ihf_bids.phantom import generate_phantom, read_head_motion
 >>> ds = generate_phantom("phantom_bids", n_subjects=2, n_sites=2)  # doctest: +SKIP
 >>> ds.image_path("01", "ge", "T1w")  # doctest: +SKIP
 PosixPath('.../phantom_bids/sub-01/ses-ge/anat/sub-01_ses-ge_T1w.nii.gz')
+>>> read_head_motion("phantom_bids", "01", "ge").shape  # doctest: +SKIP
+(4, 4)
 """
 
 from __future__ import annotations
 
 from .generate import MODALITIES, PHANTOM_SIZES, PhantomDataset, generate_phantom
+from .motion import read_head_motion
 from .sites import AnatProtocol, DwiProtocol, SiteProtocol, site_protocols
 from .tissues import TISSUES, TissueProperties
 
@@ -28,5 +31,6 @@ __all__ = [
     "SiteProtocol",
     "TissueProperties",
     "generate_phantom",
+    "read_head_motion",
     "site_protocols",
 ]

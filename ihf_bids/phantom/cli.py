@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MOD",
         help=f"modalities to simulate, among {' '.join(MODALITIES)} (default all)",
     )
+    parser.add_argument(
+        "--no-head-motion",
+        dest="head_motion",
+        action="store_false",
+        help="write every image on the template grid (by default each session has its own head position: "
+        "a rigid motion of a few degrees and mm, written into the image headers)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return parser
@@ -66,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             modalities=args.modalities,
             overwrite=args.overwrite,
+            head_motion=args.head_motion,
         )
     except (FileExistsError, ValueError) as error:
         parser.error(str(error))

@@ -21,6 +21,14 @@ from .anatomy import (
     fibre_directions,
     make_subject_anatomy,
 )
+from .motion import (
+    HEAD_MOTION_CENTRE_MM,
+    HEAD_ROTATION_RANGE_DEG,
+    HEAD_TRANSLATION_MAX_MM,
+    HEAD_TRANSLATION_RANGE_MM,
+    HeadMotion,
+    draw_head_motion,
+)
 from .sites import BIAS_FIELD_CENTRE_MM, BIAS_FIELD_EXTENT_MM, SiteProtocol, site_protocols
 from .tissues import TISSUES
 from .writers import write_bval_bvec, write_json, write_nifti, write_tsv
@@ -37,7 +45,7 @@ GENERATOR_NAME = "ihf-bids-phantom"
 BIDS_VERSION = "1.10.0"
 
 _MODALITY_CODE = {"T1w": 1, "T2w": 2, "dwi": 3}
-_PURPOSE_SUBJECT, _PURPOSE_SCAN = 1, 2
+_PURPOSE_SUBJECT, _PURPOSE_SCAN, _PURPOSE_MOTION = 1, 2, 3
 _GOLDEN = 0.6180339887498949
 _FIRST_SCAN_DAY = dt.datetime(2024, 2, 5, 8, 30)
 
@@ -64,6 +72,8 @@ class PhantomDataset:
         Simulated modalities (``"T1w"``, ``"T2w"``, ``"dwi"``).
     anat_voxel_size, dwi_voxel_size : float
         Isotropic voxel sizes (mm) of the anatomical and diffusion grids.
+    with_head_motion : bool
+        Whether every session has its own head position (see :meth:`head_motion`).
     """
 
     root: Path
@@ -75,6 +85,7 @@ class PhantomDataset:
     modalities: tuple[str, ...]
     anat_voxel_size: float
     dwi_voxel_size: float
+    with_head_motion: bool = True
 
     @property
     def truth_root(self) -> Path:
@@ -98,6 +109,39 @@ class PhantomDataset:
             Which grid.
         """
         return self.truth_root / _truth_relpath(subject, label, grid)
+
+    def head_motion(self, subject: str, site: str) -> np.ndarray:
+        """The head motion ``M`` of a session (the same as recorded in ``phantom.json``).
+
+        ``M`` is the 4x4 rigid world->world matrix that maps the template (truth) world
+        coordinates of an anatomical point to its scanner world coordinates in that
+        session; every image of the session has the affine ``M @ grid_affine``.
+
+        Parameters
+        ----------
+        subject : str
+            Participant label without ``sub-``.
+        site : str
+            Site (= session) label.
+
+        Returns
+        -------
+        numpy.ndarray
+            4x4 ``float64`` matrix; the identity when the dataset was written without
+            head motion.
+
+        Raises
+        ------
+        ValueError
+            If the subject or site is not in the dataset.
+        """
+        if subject not in self.subjects:
+            raise ValueError(f"unknown subject {subject!r}; the dataset has {self.subjects}")
+        if site not in self.sites:
+            raise ValueError(f"unknown site {site!r}; the dataset has {self.sites}")
+        if not self.with_head_motion:
+            return np.eye(4)
+        return _session_motion(self, self.subjects.index(subject), self.sites.index(site)).matrix
 
 
 def _image_relpath(subject: str, site: str, modality: str) -> Path:
@@ -134,6 +178,7 @@ def generate_phantom(
     seed: int = 0,
     modalities: Sequence[str] = MODALITIES,
     overwrite: bool = False,
+    head_motion: bool = True,
 ) -> PhantomDataset:
     """Write a traveling-phantom BIDS dataset: every subject scanned at every site.
 
@@ -158,6 +203,12 @@ def generate_phantom(
         Modalities to simulate.
     overwrite : bool, default=False
         Replace an existing non-empty ``output_dir``.
+    head_motion : bool, default=True
+        Give every session its own seeded rigid head position, written as an oblique
+        image header (affine ``M @ grid_affine``; the voxel data do not change). False
+        writes every image on the template grid, as needed by code that compares the
+        raw images with the truth or with each other in world coordinates without
+        registering them.
 
     Returns
     -------
@@ -203,6 +254,7 @@ def generate_phantom(
         modalities=tuple(m for m in MODALITIES if m in modalities),
         anat_voxel_size=anat_voxel,
         dwi_voxel_size=max(2.0, anat_voxel),
+        with_head_motion=bool(head_motion),
     )
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
@@ -268,6 +320,12 @@ def _scan_rng(dataset: PhantomDataset, subject_index: int, site_index: int, moda
     return np.random.default_rng(
         [dataset.seed, _PURPOSE_SCAN, subject_index, site_index, _MODALITY_CODE[modality]]
     )
+
+
+def _session_motion(dataset: PhantomDataset, subject_index: int, site_index: int) -> HeadMotion:
+    """The head position of a session, from its own random stream (it changes no other stream)."""
+    rng = np.random.default_rng([dataset.seed, _PURPOSE_MOTION, subject_index, site_index])
+    return draw_head_motion(rng)
 
 
 def _site_rng(site: SiteProtocol) -> np.random.Generator:
@@ -349,13 +407,20 @@ def _write_dataset(out: Path, dataset: PhantomDataset) -> None:
             acq_time = _acq_time(spec, session_index)
             session_rows.append((ses, acq_time, site_label))
             scans: dict = {"acq_time": acq_time}
+            # The head position of the session: the voxel grid follows the head, so only
+            # the affines change (M @ grid); all images of the session share one M.
+            motion = np.eye(4)
+            if dataset.with_head_motion:
+                head = _session_motion(dataset, spec.index, site_index)
+                motion = head.matrix
+                scans["head_motion"] = head.to_dict()
             for modality in ("T1w", "T2w"):
                 if modality not in dataset.modalities:
                     continue
                 rng = _scan_rng(dataset, spec.index, site_index, modality)
                 image, scans[modality] = render_anat(anatomy, site, modality, dataset.anat_voxel_size, rng)
                 path = out / _image_relpath(spec.label, site_label, modality)
-                write_nifti(path, image, anatomy.affine, kind="raw")
+                write_nifti(path, image, motion @ anatomy.affine, kind="raw")
                 write_json(_with_suffix(path, ".json"), _anat_sidecar(site, modality))
             if dwi_anatomy is not None and fibres is not None:
                 rng = _scan_rng(dataset, spec.index, site_index, "dwi")
@@ -364,7 +429,12 @@ def _write_dataset(out: Path, dataset: PhantomDataset) -> None:
                     dwi_anatomy, fibres, _diffusivities(spec), site, table, dataset.dwi_voxel_size, rng
                 )
                 path = out / _image_relpath(spec.label, site_label, "dwi")
-                write_nifti(path, series, dwi_anatomy.affine, kind="raw", repetition_time=site.dwi.repetition_time)
+                write_nifti(
+                    path, series, motion @ dwi_anatomy.affine, kind="raw", repetition_time=site.dwi.repetition_time
+                )
+                # The gradient directions are fixed to the head, as the voxel axes are: in
+                # image axes they are the same with or without head motion. Expressing the
+                # head-frame vectors with the unmoved grid gives exactly those numbers.
                 write_bval_bvec(_with_suffix(path, ""), table.bvals, table.bvecs, dwi_anatomy.affine)
                 write_json(_with_suffix(path, ".json"), _dwi_sidecar(site))
             record["sessions"][ses] = scans
@@ -508,12 +578,46 @@ def _readme(dataset: PhantomDataset) -> str:
         f"- size: {dataset.size} (anatomical voxel {dataset.anat_voxel_size:g} mm, "
         f"diffusion voxel {dataset.dwi_voxel_size:g} mm), seed: {dataset.seed}",
         f"- modalities: {', '.join(dataset.modalities)}",
-        "- images are skull-stripped and aligned to the MNI152NLin2009aSym template grid",
+        *_readme_position(dataset),
         "",
         "Generated by ihf-bids-phantom (see docs/phantom.md of ihf-bids). License: CC0.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _motion_convention(dataset: PhantomDataset) -> dict[str, str]:
+    """The conventions entry of the head motion (none without motion, as before it existed)."""
+    if not dataset.with_head_motion:
+        return {}
+    low, high = HEAD_ROTATION_RANGE_DEG
+    return {
+        "head_motion": "subjects.<sub>.sessions.<ses>.head_motion.world_to_scanner is the 4x4 rigid matrix M "
+        "that maps template (truth) world mm to that session's scanner world mm: "
+        "M x = R (x - centre_mm) + centre_mm + translation_mm, R the right-handed rotation by rotation_deg "
+        "about the unit rotation_axis (RAS). The voxel data are those of the template grid; every image of "
+        "the session (T1w, T2w, dwi) has the affine M @ its grid affine, so M @ truth affine puts a truth map "
+        "on the session's images voxel for voxel. bvecs are in image axes and do not depend on M. Centre "
+        f"{list(HEAD_MOTION_CENTRE_MM)} mm; angle uniform in [{low:g}, {high:g}] degrees about an axis uniform "
+        f"on the sphere; translation components uniform in [-{HEAD_TRANSLATION_RANGE_MM:g}, "
+        f"{HEAD_TRANSLATION_RANGE_MM:g}] mm, length capped at {HEAD_TRANSLATION_MAX_MM:g} mm; one seeded draw "
+        "per session",
+    }
+
+
+def _readme_position(dataset: PhantomDataset) -> list[str]:
+    """README lines on the images' grids and head position."""
+    if not dataset.with_head_motion:
+        return ["- images are skull-stripped and aligned to the MNI152NLin2009aSym template grid"]
+    low, high = HEAD_ROTATION_RANGE_DEG
+    return [
+        "- images are skull-stripped; their voxel grids are those of the MNI152NLin2009aSym",
+        "  template, moved with the head: each session has its own head position, a rigid motion M",
+        f"  (a rotation of {low:g}-{high:g} degrees and a shift of up to {HEAD_TRANSLATION_MAX_MM:g} mm). "
+        "The image affines are",
+        "  M @ template grid (oblique); the voxel data match the truth maps voxel for voxel.",
+        "  Each session's M: derivatives/phantom/phantom.json, subjects.<sub>.sessions.<ses>.head_motion.",
+    ]
 
 
 def _write_truth_description(
@@ -566,6 +670,7 @@ def _write_truth_description(
                 "bvec": "BIDS/FSL convention: image axes, x negated because the affine has a positive determinant",
                 "fibre": "desc-fibre_dwimap: unit WM fibre directions in RAS world axes",
                 "noise": "Rician: magnitude of the signal plus complex Gaussian noise of sd noise_sigma",
+                **_motion_convention(dataset),
             },
             "sites": sites,
             "subjects": subjects_record,
