@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,7 +215,9 @@ def phantom(tmp_path_factory):
     from ihf_bids.phantom import generate_phantom
 
     root = tmp_path_factory.mktemp("dwi_phantom") / "bids"
-    ds = generate_phantom(root, n_subjects=1, n_sites=1, size="tiny", seed=0, modalities=("T1w", "dwi"))
+    # No head motion: the truth maps serve as masks on the DWI grid.
+    ds = generate_phantom(root, n_subjects=1, n_sites=1, size="tiny", seed=0, modalities=("T1w", "dwi"),
+                          head_motion=False)
     subject, site = ds.subjects[0], ds.sites[0]
     dwi = ds.image_path(subject, site, "dwi")
     stem = str(dwi)[: -len(".nii.gz")]
@@ -238,6 +241,27 @@ def test_reference_and_mask_on_phantom(phantom):
     truth = np.asarray(nib.load(str(ds.truth_path(subject, "brain", grid="dwi"))).dataobj) > 0.5
     dice = 2 * (estimate & truth).sum() / (estimate.sum() + truth.sum())
     assert dice > 0.90  # measured 0.943 (seed 0, tiny)
+
+
+def test_tensor_summary_that_cannot_be_computed_is_recorded_as_missing(phantom, tmp_path):
+    """A run far off the template has no white matter inside its mask: the sidecar says so, the run goes on."""
+    from ihf_bids.bids.derivatives import write_sidecar
+    from ihf_bids.workflows.interfaces import TensorFit
+
+    ds, subject, dwi, stem, work, _, mask = phantom
+    grid = nib.load(str(mask))
+    nowhere = _save(np.zeros(grid.shape, np.float32), grid.affine, tmp_path / "wm_nowhere.nii.gz")
+    summary = fit_tensor(dwi, stem + ".bval", stem + ".bvec", mask, tmp_path / "fa.nii.gz", wm_mask_file=nowhere)
+    assert "fa_median_wm" not in summary and "white matter" in summary["missing"]["fa_median_wm"]
+    assert summary["n_voxels_wm"] == 0 and 0 < summary["fa_median"] < 1
+
+    node = TensorFit(in_file=str(dwi), bval_file=stem + ".bval", bvec_file=stem + ".bvec", mask_file=str(mask),
+                     wm_mask_file=str(nowhere))
+    result = node.run(cwd=str(tmp_path))
+    fields = result.outputs.summary
+    assert fields["WhiteMatterMedianFA"] is None and "white matter" in fields["MissingSummaries"]["WhiteMatterMedianFA"]
+    sidecar = write_sidecar(tmp_path / "fa.json", fields)  # the JSON writer refuses NaN: this must not raise
+    assert json.loads(Path(sidecar).read_text())["WhiteMatterMedianFA"] is None
 
 
 def test_fit_tensor_on_phantom(phantom):

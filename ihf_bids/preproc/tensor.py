@@ -64,7 +64,8 @@ def fit_tensor(
     dict
         ``n_voxels`` (voxels fitted), ``n_volumes`` (volumes used), ``fa_median`` and
         ``fa_p90`` (within the mask), ``md_median`` (mm^2/s), and with a WM mask
-        ``fa_median_wm`` and ``n_voxels_wm``.
+        ``fa_median_wm`` and ``n_voxels_wm``. A summary that cannot be computed (an empty
+        mask) is left out and its reason given in ``missing`` (name -> reason).
     """
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
@@ -100,15 +101,20 @@ def fit_tensor(
     save_image(fa, affine, out_fa)
     if out_md is not None:
         save_image(md, affine, out_md)
-    summary: dict = {
-        "n_voxels": int(mask.sum()),
-        "n_volumes": int(bvals.size),
-        "fa_median": float(np.median(fa[mask])) if mask.any() else float("nan"),
-        "fa_p90": float(np.percentile(fa[mask], 90)) if mask.any() else float("nan"),
-        "md_median": float(np.median(md[mask])) if mask.any() else float("nan"),
-    }
+    summary: dict = {"n_voxels": int(mask.sum()), "n_volumes": int(bvals.size), "missing": {}}
+    if mask.any():
+        summary.update(fa_median=float(np.median(fa[mask])), fa_p90=float(np.percentile(fa[mask], 90)),
+                       md_median=float(np.median(md[mask])))
+    else:
+        reason = "the brain mask is empty"
+        summary["missing"].update(fa_median=reason, fa_p90=reason, md_median=reason)
     if wm_mask_file is not None:
         wm = _read_mask(wm_mask_file, data.shape[:3], "white-matter mask") & mask
         summary["n_voxels_wm"] = int(wm.sum())
-        summary["fa_median_wm"] = float(np.median(fa[wm])) if wm.any() else float("nan")
+        if wm.any():
+            summary["fa_median_wm"] = float(np.median(fa[wm]))
+        else:
+            summary["missing"]["fa_median_wm"] = (
+                "no voxel of the template's white matter lies inside the run's brain mask: the run may be far "
+                "off the template (see the Registration field of the run's sidecar)")
     return summary

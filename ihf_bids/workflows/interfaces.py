@@ -95,9 +95,12 @@ class _RegistrationOutput(TraitedSpec):
     inverse_invert = traits.List(traits.Bool, desc="flags for inverse_transforms")
     affine_file = File(exists=True, desc="the linear part (ITK .mat)")
     warp_file = File(desc="the SyN displacement field, when any")
+    quality = traits.Dict(desc="{step: quality fields}, for the Registration field of sidecars")
 
 
-def _registration_results(results: dict, registration) -> None:
+def _registration_results(results: dict, registration, step: str) -> None:
+    if registration.quality is not None:
+        results["quality"] = {step: registration.quality.to_sidecar()}
     results["forward_transforms"] = list(registration.forward)
     results["inverse_transforms"] = list(registration.inverse)
     results["inverse_invert"] = list(registration.inverse_invert)
@@ -111,6 +114,7 @@ class _TemplateMaskInput(_SingleFileInput):
     voxel_size = traits.Float(1.0, usedefault=True, desc="template grid (mm)")
     mode = traits.Enum("affine", "syn", usedefault=True)
     random_seed = traits.Int(0, usedefault=True)
+    step = traits.Str("T1wToTemplate", usedefault=True, desc="name of the registration in sidecars")
 
 
 class _TemplateMaskOutput(_RegistrationOutput):
@@ -131,7 +135,7 @@ class TemplateBrainMask(SimpleInterface):
             mode=self.inputs.mode, random_seed=self.inputs.random_seed,
         )
         self._results["mask_file"] = str(mask)
-        _registration_results(self._results, registration)
+        _registration_results(self._results, registration, self.inputs.step)
         return runtime
 
 
@@ -142,6 +146,12 @@ class _RegisterInput(BaseInterfaceInputSpec):
     fixed_mask = File(exists=True)
     mode = traits.Enum("rigid", "affine", "syn", usedefault=True)
     random_seed = traits.Int(0, usedefault=True)
+    start = traits.Enum("centre of mass", "scanner geometry", "rotation search", usedefault=True,
+                        desc="first start (see register_images)")
+    within_session = traits.Bool(False, usedefault=True,
+                                 desc="bound the motion from the scanner geometry (images of one session)")
+    step = traits.Str("Registration", usedefault=True, desc="name of the registration in sidecars")
+    fixed_mask_margin_mm = traits.Float(0.0, usedefault=True, desc="grow the fixed mask by this margin (mm)")
 
 
 class RegisterImages(SimpleInterface):
@@ -151,14 +161,16 @@ class RegisterImages(SimpleInterface):
     output_spec = _RegistrationOutput
 
     def _run_interface(self, runtime):
-        from ..preproc.registration import register_images
+        from ..preproc.registration import WITHIN_SESSION_BOUNDS, register_images
 
         opt = {k: getattr(self.inputs, k) for k in ("moving_mask", "fixed_mask") if isdefined(getattr(self.inputs, k))}
         registration = register_images(
             self.inputs.moving, self.inputs.fixed, runtime.cwd + os.sep, mode=self.inputs.mode,
-            random_seed=self.inputs.random_seed, **opt,
+            random_seed=self.inputs.random_seed, start=self.inputs.start,
+            bounds=WITHIN_SESSION_BOUNDS if self.inputs.within_session else None,
+            fixed_mask_margin_mm=self.inputs.fixed_mask_margin_mm, **opt,
         )
-        _registration_results(self._results, registration)
+        _registration_results(self._results, registration, self.inputs.step)
         return runtime
 
 
@@ -375,7 +387,12 @@ class TensorFit(SimpleInterface):
                  "fa_p90": "FA90thPercentile", "md_median": "MedianMD", "n_voxels": "BrainVoxels",
                  "n_volumes": "NumberOfVolumes"}
         self._results["fa_file"] = out
+        missing = summary.pop("missing", {})
         self._results["summary"] = {names.get(k, k): float(v) for k, v in summary.items()}
+        if missing:
+            # Recorded as missing with the reason (JSON has no NaN; a run never fails on a summary).
+            self._results["summary"].update({names.get(k, k): None for k in missing})
+            self._results["summary"]["MissingSummaries"] = {names.get(k, k): why for k, why in missing.items()}
         return runtime
 
 
@@ -442,6 +459,8 @@ class _SinkInput(BaseInterfaceInputSpec):
     entities = traits.Dict(mandatory=True, desc="derivative entities: space, res, desc, suffix, extension...")
     metadata = traits.Dict(desc="sidecar fields")
     metadata_extra = traits.Dict(desc="more sidecar fields (from another node)")
+    registration = InputMultiObject(traits.Dict(), desc="{step: quality} records of the registrations that placed "
+                                    "the image, merged into the sidecar's Registration field")
     sources = traits.List(traits.Str, desc="extra Sources (BIDS URIs)")
     sidecar = traits.Bool(True, usedefault=True, desc="write a JSON sidecar")
 
@@ -470,6 +489,8 @@ class DerivativesSink(SimpleInterface):
             for extra in (self.inputs.metadata, self.inputs.metadata_extra):
                 if isdefined(extra):
                     fields.update(extra)
+            if isdefined(self.inputs.registration) and self.inputs.registration:
+                fields["Registration"] = {k: v for record in self.inputs.registration for k, v in record.items()}
             write_sidecar(str(out).rsplit(".nii", 1)[0] + ".json", fields)
         self._results["out_file"] = str(out)
         return runtime
