@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ihf_bids"
 DOC = ROOT / "docs" / "troubleshooting.md"
 
-#: the app's error classes (ihf_bids/errors.py, harmonize/checkpoint.py, train/loop.py)
-APP_ERRORS = {"UsageError", "InputDataError", "WorkflowBuildError", "CheckpointError", "TrainPresetError"}
+#: the app's error classes (ihf_bids/errors.py, harmonize/checkpoint.py, train/loop.py, preproc/registration.py)
+APP_ERRORS = {"UsageError", "InputDataError", "WorkflowBuildError", "CheckpointError", "TrainPresetError",
+              "RegistrationError"}
 #: other exceptions whose messages reach the user, by module
 EXTRA_RAISES = {
     # read_plugin_file: re-raised as argparse.ArgumentTypeError(str(err)), exit code 2

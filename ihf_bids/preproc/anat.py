@@ -30,6 +30,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,11 +39,12 @@ import numpy as np
 
 from ..errors import InputDataError
 from ..imageio import nifti_image, save_image
+from .registration import RegistrationError
 
 if TYPE_CHECKING:  # pragma: no cover
     import nibabel as nib
 
-    from .registration import Registration
+    from .registration import Registration, RegistrationQuality
 
 __all__ = [
     "MAX_VOXEL_SIZE_MM",
@@ -516,49 +518,166 @@ def brain_mask_via_template(
     top = save_image(
         data * _head_top(data, affine, _HEAD_TOP_HEIGHT_MM), affine, out_dir / f"{stem}_desc-headtop_T1w.nii.gz"
     )
-    first = register_images(
-        top, tpl_t1, out_dir / f"{stem}_pass-1_", mode=_PASS1_MODE,
-        fixed_mask=metric_mask, random_seed=random_seed,
-    )
-    crop_native = apply_transforms(
-        crop_mask, native, list(first.inverse), out_dir / f"{stem}_desc-crop_mask.nii.gz",
-        invert=list(first.inverse_invert), interpolation="linear",
-    )
-    crop = np.asarray(_read(crop_native).dataobj) > 0.5
-    if crop.sum() == 0:
-        raise RuntimeError(f"registration of {anat_file} to the template failed: the brain is outside the image")
-    save_image(crop.astype(np.uint8), affine, crop_native, dtype=np.uint8)
-    cropped = save_image(data * crop, affine, out_dir / f"{stem}_desc-cropped_T1w.nii.gz")
+    # Pass 1 from the centres of mass; when the result fails its quality check (below), once
+    # more from a coarse rotation search, and the better of the two by the metric is kept.
+    candidates, tried = [], []
+    for start in ("centre of mass", "rotation search"):
+        tag_start = "com" if start == "centre of mass" else "search"
+        first = register_images(
+            top, tpl_t1, out_dir / f"{stem}_pass-1-{tag_start}_", mode=_PASS1_MODE,
+            fixed_mask=metric_mask, random_seed=random_seed, start=start,
+        )
+        crop_native = apply_transforms(
+            crop_mask, native, list(first.inverse), out_dir / f"{stem}_start-{tag_start}_desc-crop_mask.nii.gz",
+            invert=list(first.inverse_invert), interpolation="linear",
+        )
+        crop = np.asarray(_read(crop_native).dataobj) > 0.5
+        if crop.sum() == 0:
+            continue
+        save_image(crop.astype(np.uint8), affine, crop_native, dtype=np.uint8)
+        cropped = save_image(data * crop, affine, out_dir / f"{stem}_desc-cropped_T1w.nii.gz")
+        # Pass 2: the cropped head, affine (SyN on a head with skull would stretch the brain
+        # onto the skull: 2.7 L masks on real whole-head images).
+        final = register_images(
+            cropped, tpl_t1, out_dir / f"{stem}_start-{tag_start}_to-template_", mode="affine",
+            moving_mask=crop_native, fixed_mask=brain_metric_mask, random_seed=random_seed,
+            initial_transform=first.affine,
+        )
+        Path(cropped).unlink(missing_ok=True)
+        mask = _native_brain_mask(tpl_mask, native, final, data, refine=refine,
+                                  out_file=out_dir / f"{stem}_start-{tag_start}_desc-brain_probseg.nii.gz")
+        quality = template_registration_quality(native, mask, affine, final, tpl_t1, tpl_mask, start=start)
+        candidates.append((quality, final, mask))
+        tried.append({"start": start, "mutual_information": quality.mutual_information,
+                      "displacement_mm": quality.displacement_mm, "rotation_deg": quality.rotation_deg,
+                      "implausible": "; ".join(quality.flags)})
+        if not quality.flags:
+            break
+    if not candidates:
+        raise RegistrationError(
+            f"registration of {anat_file} to the template failed: the brain is outside the image from every "
+            "start. View the image: its header may place it far from the scanner's centre, or it may not be a "
+            "brain image.")
+    quality, final, mask = max(candidates, key=lambda c: c[0].mutual_information)
+    quality = dataclasses.replace(quality, tried=tuple(tried))
+    final = dataclasses.replace(final, quality=quality)
+    mask_path = save_image(mask.astype(np.uint8), affine, out_dir / f"{stem}_desc-brain_mask.nii.gz", dtype=np.uint8)
+    brain = None
+    if mode == "syn":
+        # Pass 3: the brain alone (skull removed with the mask), SyN from the affine.
+        brain = save_image(data * mask, affine, out_dir / f"{stem}_desc-brain_T1w.nii.gz")
+        syn = register_images(
+            brain, tpl_t1, out_dir / f"{stem}_to-template-syn_", mode="syn",
+            moving_mask=mask_path, fixed_mask=brain_metric_mask, random_seed=random_seed,
+            initial_transform=final.affine,
+        )
+        final = dataclasses.replace(
+            syn, quality=template_registration_quality(native, mask, affine, syn, tpl_t1, tpl_mask,
+                                                       start=quality.start, tried=quality.tried))
+    for temporary in (native, top, brain):
+        if temporary is None:
+            continue
+        Path(temporary).unlink(missing_ok=True)
+    return mask_path, final
 
-    # Pass 2: the cropped head, affine (SyN on a head with skull would stretch the brain
-    # onto the skull: 2.7 L masks on real whole-head images).
-    final = register_images(
-        cropped, tpl_t1, out_dir / f"{stem}_to-template_", mode="affine",
-        moving_mask=crop_native, fixed_mask=brain_metric_mask, random_seed=random_seed,
-    )
-    prob = apply_transforms(
-        tpl_mask, native, list(final.inverse), out_dir / f"{stem}_desc-brain_probseg.nii.gz",
-        invert=list(final.inverse_invert), interpolation="linear",
-    )
+
+def _native_brain_mask(tpl_mask, native, registration: Registration, data: np.ndarray, *, refine: bool,
+                       out_file: Path) -> np.ndarray:
+    """The template brain mask warped back onto the native grid (threshold 0.5), optionally refined."""
+    from scipy import ndimage
+
+    from .registration import apply_transforms
+
+    prob = apply_transforms(tpl_mask, native, list(registration.inverse), out_file,
+                            invert=list(registration.inverse_invert), interpolation="linear")
     mask = np.asarray(_read(prob).dataobj) >= 0.5
     if refine and mask.any():
         mask &= foreground_mask(data, fraction=_REFINE_OTSU_FRACTION, fill=True)
         mask = _largest_component(mask)
         mask = ndimage.binary_fill_holes(mask)
-    mask_path = save_image(mask.astype(np.uint8), affine, out_dir / f"{stem}_desc-brain_mask.nii.gz", dtype=np.uint8)
-    brain = None
-    if mode == "syn":
-        # Pass 3: the brain alone (skull removed with the mask), affine + SyN.
-        brain = save_image(data * mask, affine, out_dir / f"{stem}_desc-brain_T1w.nii.gz")
-        final = register_images(
-            brain, tpl_t1, out_dir / f"{stem}_to-template-syn_", mode="syn",
-            moving_mask=mask_path, fixed_mask=brain_metric_mask, random_seed=random_seed,
-        )
-    for temporary in (native, top, cropped, brain):
-        if temporary is None:
-            continue
-        Path(temporary).unlink(missing_ok=True)
-    return mask_path, final
+    return mask
+
+
+def template_registration_quality(
+    image: str | os.PathLike[str],
+    mask: np.ndarray,
+    affine: np.ndarray,
+    registration: Registration,
+    template_t1: str | os.PathLike[str],
+    template_mask: str | os.PathLike[str],
+    *,
+    start: str,
+    tried: tuple[dict, ...] | None = None,
+) -> RegistrationQuality:
+    """Quality of a T1w -> template registration, measured in template space.
+
+    The native brain mask and the T1w are moved onto the template grid. ``MaskDice`` is the
+    Dice of the moved mask with the template's brain mask: a mask that lost part of the
+    brain (the refinement keeps only the image's foreground) or sits off the template's
+    brain lowers it; it is compared with :data:`~ihf_bids.preproc.registration.QC_THRESHOLDS`.
+    ``Correlation`` (the Pearson correlation of the moved T1w with the template T1 inside the
+    template's brain) is recorded, not flagged: it depends on the contrast as much as on the
+    registration.
+
+    Parameters
+    ----------
+    image : path
+        The native T1w.
+    mask : numpy.ndarray
+        Its brain mask (native grid, boolean).
+    affine : numpy.ndarray
+        The native grid's affine.
+    registration : Registration
+        Native -> template.
+    template_t1, template_mask : path
+        The template T1 and brain mask on the grid registered to.
+    start : str
+        The start of the registration (recorded).
+    tried : tuple of dict, optional
+        The starts tried (default: those of ``registration.quality``).
+
+    Returns
+    -------
+    RegistrationQuality
+    """
+    import tempfile
+
+    from .registration import (
+        QC_THRESHOLDS,
+        RegistrationQuality,
+        apply_transforms,
+        linear_transform_summary,
+        mutual_information,
+    )
+
+    forward = list(registration.forward)
+    with tempfile.TemporaryDirectory() as scratch:
+        mask_file = save_image(mask.astype(np.float32), affine, Path(scratch) / "mask.nii.gz")
+        moved_mask = np.asarray(_read(apply_transforms(
+            mask_file, template_t1, forward, Path(scratch) / "mask_tpl.nii.gz")).dataobj) >= 0.5
+        moved = np.asarray(_read(apply_transforms(
+            image, template_t1, forward, Path(scratch) / "t1_tpl.nii.gz")).dataobj, dtype=np.float64)
+    tpl_brain = np.asarray(_read(template_mask).dataobj) > 0.5
+    tpl = np.asarray(_read(template_t1).dataobj, dtype=np.float64)
+    a, b = moved[tpl_brain], tpl[tpl_brain]
+    correlation = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    mask_dice = dice(moved_mask, tpl_brain)
+    points = np.argwhere(tpl_brain)[::7]
+    tpl_affine = _read(template_t1).affine
+    displacement, rotation, _ = linear_transform_summary(
+        registration.affine, points @ tpl_affine[:3, :3].T + tpl_affine[:3, 3])
+    flags = []
+    if mask_dice < QC_THRESHOLDS["TemplateMaskDice"]:
+        flags.append(f"the brain mask in template space overlaps the template's by Dice {mask_dice:.2f} "
+                     f"(below {QC_THRESHOLDS['TemplateMaskDice']:g})")
+    previous = registration.quality
+    return RegistrationQuality(
+        start=start, displacement_mm=displacement, rotation_deg=rotation,
+        mutual_information=mutual_information(template_t1, image, forward, fixed_mask=template_mask),
+        tried=tried if tried is not None else (previous.tried if previous is not None else ()),
+        mask_dice=mask_dice, correlation=correlation, flags=tuple(flags),
+    )
+
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

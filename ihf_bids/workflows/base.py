@@ -157,6 +157,7 @@ def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: s
         is_reference = reference is None
         anat_wf = init_anat_preproc_wf(template=template, registration=config.registration,
                                        random_seed=config.random_seed, is_reference=is_reference,
+                                       modality=modality, reference_modality=anat_files[0][0],
                                        name=f"anat_{index}_{modality}_wf")
         anat_wf.inputs.inputnode.in_file = str(path)
         if is_reference:
@@ -164,14 +165,15 @@ def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: s
         else:
             wf.connect([(reference, anat_wf, [("outputnode.native", "inputnode.ref_native"),
                                               ("outputnode.native_mask", "inputnode.ref_mask"),
-                                              ("outputnode.to_template", "inputnode.ref_to_template")])])
+                                              ("outputnode.to_template", "inputnode.ref_to_template"),
+                                              ("outputnode.registration", "inputnode.ref_registration")])])
         out_wf = init_anat_outputs_wf(config=config, modality=modality, source_file=str(path), site=site,
                                       is_reference=is_reference, reference_modality=anat_files[0][0],
                                       reference_uri=bids_uri(anat_files[0][1], config.bids_dir),
                                       template=template, name=f"anat_{index}_{modality}_outputs_wf")
         wf.connect([(anat_wf, out_wf, [(f"outputnode.{k}", f"inputnode.{k}") for k in (
             "preproc", "mask", "conform_record", "affine_file", "warp_file", "from_template",
-            "from_template_invert", "native")])])
+            "from_template_invert", "native", "registration")])])
         if not is_reference:
             wf.connect([(reference, out_wf, [("outputnode.native", "inputnode.reference_native"),
                                              ("outputnode.from_template", "inputnode.reference_from_template"),
@@ -180,17 +182,21 @@ def init_single_session_wf(*, config: RunConfig, session: SessionInputs, site: s
     if "dwi" not in config.modalities:
         return wf
     for index, run in enumerate(session.dwi):
+        reference_modality = anat_files[0][0] if reference is not None else None
         dwi_wf = init_dwi_preproc_wf(template=template, has_anat_reference=reference is not None,
+                                     reference_modality=reference_modality or "T1w",
                                      random_seed=config.random_seed, name=f"dwi_{index}_wf")
         dwi_wf.inputs.inputnode.dwi_file = str(run.nifti)
         dwi_wf.inputs.inputnode.bval_file = str(run.bval) if run.bval else None
         dwi_wf.inputs.inputnode.bvec_file = str(run.bvec) if run.bvec else None
         if reference is not None:
-            wf.connect([(reference, dwi_wf, [("outputnode.native_brain", "inputnode.ref_brain"),
+            wf.connect([(reference, dwi_wf, [("outputnode.native", "inputnode.ref_native"),
                                              ("outputnode.native_mask", "inputnode.ref_mask"),
-                                             ("outputnode.to_template", "inputnode.ref_to_template")])])
+                                             ("outputnode.to_template", "inputnode.ref_to_template"),
+                                             ("outputnode.registration", "inputnode.ref_registration")])])
         out_wf = init_dwi_outputs_wf(config=config, source_file=str(run.nifti), site=site, template=template,
                                      missing_shells=_missing_target_shells(config, run),
-                                     name=f"dwi_{index}_outputs_wf")
-        wf.connect([(dwi_wf, out_wf, [(f"outputnode.{k}", f"inputnode.{k}") for k in ("dwi", "bval", "bvec", "mask")])])
+                                     reference_modality=reference_modality, name=f"dwi_{index}_outputs_wf")
+        wf.connect([(dwi_wf, out_wf, [(f"outputnode.{k}", f"inputnode.{k}") for k in (
+            "dwi", "bval", "bvec", "mask", "affine_file", "registration")])])
     return wf

@@ -81,14 +81,21 @@ def init_anat_outputs_wf(
     inputnode = pe.Node(niu.IdentityInterface([
         "preproc", "mask", "conform_record", "affine_file", "warp_file", "from_template",
         "from_template_invert", "native", "reference_native", "reference_from_template",
-        "reference_from_template_invert"]), name="inputnode")
+        "reference_from_template_invert", "registration"]), name="inputnode")
     res = None if template.anat_resolution == 1.0 else resolution_label(template.anat_resolution)
     space = {"space": TEMPLATE_SPACE, "res": res}
     common = {"SkullStripped": True, "Site": site, "Resolution": _resolution(template.anat_resolution),
               "RegistrationToTemplate": config.registration, "RandomSeed": config.random_seed}
     preproc = _sink(config, source_file, "ds_preproc", {**space, "desc": "preproc", "suffix": modality},
                     {**common, "IntensityNormalization": "99th percentile inside the brain mask set to 1000"})
-    wf.connect([(inputnode, preproc, [("preproc", "in_file"), ("conform_record", "metadata_extra")])])
+    wf.connect([(inputnode, preproc, [("preproc", "in_file"), ("conform_record", "metadata_extra"),
+                                       ("registration", "registration")])])
+    if not is_reference:
+        # The rigid registration to the session's reference (ITK, moving -> reference).
+        coreg = _sink(config, source_file, "ds_xfm_coreg",
+                      {"from_": modality, "to": reference_modality, "mode": "image", "desc": "coreg",
+                       "suffix": "xfm", "extension": ".mat"}, sidecar=False)
+        wf.connect([(inputnode, coreg, [("affine_file", "in_file")])])
     if is_reference:
         mask = _sink(config, source_file, "ds_mask", {**space, "desc": "brain", "suffix": "mask"},
                      {"Type": "Brain", "Resolution": common["Resolution"]})
@@ -109,6 +116,7 @@ def init_anat_outputs_wf(
     wf.connect([
         (inputnode, harmonize, [("preproc", "inputnode.in_file"), ("mask", "inputnode.mask")]),
         (harmonize, harmonized, [("outputnode.out_file", "in_file"), ("outputnode.provenance", "metadata_extra")]),
+        (inputnode, harmonized, [("registration", "registration")]),
     ])
     if config.native_outputs:
         # Back to the anatomical reference's native (conformed) space.
@@ -131,11 +139,13 @@ def init_anat_outputs_wf(
 
 
 def init_dwi_outputs_wf(*, config: RunConfig, source_file: str, site: str, template: TemplateFiles,
-                        missing_shells: list[str] | None = None, name: str = "dwi_outputs_wf") -> Workflow:
+                        missing_shells: list[str] | None = None, reference_modality: str | None = "T1w",
+                        name: str = "dwi_outputs_wf") -> Workflow:
     """Write a template-space DWI run (gradients, mask, FA) and, when asked, its harmonized twin and FA.
 
     ``missing_shells``: b-shells of the run that the target site lacks; the run is then not
-    harmonized and its sidecar says why.
+    harmonized and its sidecar says why. ``reference_modality``: the anatomical image the
+    b=0 reference was registered to (``None``: the template, in a DWI-only session).
     """
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
@@ -144,7 +154,8 @@ def init_dwi_outputs_wf(*, config: RunConfig, source_file: str, site: str, templ
     from .harmonization import init_harmonize_wf
 
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(["dwi", "bval", "bvec", "mask"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(["dwi", "bval", "bvec", "mask", "affine_file", "registration"]),
+                        name="inputnode")
     space = {"space": TEMPLATE_SPACE, "res": resolution_label(template.dwi_resolution)}
     common = {"SkullStripped": False, "Site": site, "Resolution": _resolution(template.dwi_resolution),
               "RandomSeed": config.random_seed}
@@ -160,6 +171,7 @@ def init_dwi_outputs_wf(*, config: RunConfig, source_file: str, site: str, templ
                    {**space, "model": "tensor", "param": "fa", "desc": desc, "suffix": "dwimap"},
                    {**metadata, "SkullStripped": True, "Model": "DIPY TensorModel (WLS)"})
         wf.connect([
+            (inputnode, image, [("registration", "registration")]),
             (dwi_source[0], image, [(dwi_source[1], "in_file")]),
             (dwi_source[0], tensor, [(dwi_source[1], "inputnode.dwi")]),
             (inputnode, tensor, [("bval", "inputnode.bval"), ("bvec", "inputnode.bvec"), ("mask", "inputnode.mask")]),
@@ -172,6 +184,10 @@ def init_dwi_outputs_wf(*, config: RunConfig, source_file: str, site: str, templ
         return image
 
     write_run("preproc", (inputnode, "dwi"), "preproc", common)
+    coreg = _sink(config, source_file, "ds_xfm_coreg",
+                  {"from_": "dwiref", "to": reference_modality or TEMPLATE_SPACE, "mode": "image", "desc": "coreg",
+                   "suffix": "xfm", "extension": ".mat", "datatype": "dwi"}, sidecar=False)
+    wf.connect([(inputnode, coreg, [("affine_file", "in_file")])])
     mask = _sink(config, source_file, "ds_mask", {**space, "desc": "brain", "suffix": "mask"},
                  {"Type": "Brain", "Resolution": common["Resolution"]})
     wf.connect([(inputnode, mask, [("mask", "in_file")])])
