@@ -19,6 +19,39 @@ def _write_json(path: Path, fields: dict) -> None:
     path.write_text(json.dumps(fields, indent=1))
 
 
+#: The one flagged registration of the fixture: session ge, T2w -> T1w.
+FLAG_REASON = "the moved brain mask overlaps the reference's by Dice 0.62 (below 0.8)"
+REJECTED = "moves the brain by 34.0 mm (more than 20 mm)"
+
+
+def _registration(ses: str, modality: str) -> dict | None:
+    """The sidecar's Registration field: ses-ge's T2w -> T1w step is flagged (with a rejected start),
+    everything else passes, and ses-philips' DWI has no field (written by an older version)."""
+    if ses == "philips" and modality == "dwi":
+        return None
+    template = {"Flagged": False, "Start": "centre of mass", "MaskDice": 0.9868, "Correlation": 0.7526,
+                "DisplacementMm": 7.03, "RotationDeg": 2.36, "MutualInformation": 0.321,
+                "StartsTried": [{"Start": "centre of mass", "MutualInformation": 0.321, "DisplacementMm": 7.03,
+                                 "RotationDeg": 2.36}]}
+    record = {f"T1wTo{SPACE}": template}
+    if modality == "T2w" and ses == "ge":
+        record["T2wToT1w"] = {
+            "Flagged": True, "Flags": [FLAG_REASON], "Start": "centre of mass", "MaskDice": 0.62,
+            "DisplacementMm": 4.1, "RotationDeg": 1.2, "MutualInformation": 0.21,
+            "StartsTried": [{"Start": "scanner geometry", "MutualInformation": 0.1, "DisplacementMm": 34.0,
+                             "RotationDeg": 0.5, "Implausible": REJECTED},
+                            {"Start": "centre of mass", "MutualInformation": 0.21, "DisplacementMm": 4.1,
+                             "RotationDeg": 1.2}]}
+    elif modality == "T2w":
+        record["T2wToT1w"] = {"Flagged": False, "Start": "scanner geometry", "MaskDice": 0.9845,
+                              "DisplacementMm": 0.27, "RotationDeg": 0.29, "MutualInformation": 0.4656,
+                              "StartsTried": []}
+    elif modality == "dwi":
+        record["DwiToT1w"] = {"Flagged": False, "Start": "scanner geometry", "MaskDice": 0.95,
+                              "DisplacementMm": 1.5, "RotationDeg": 0.8, "MutualInformation": 0.3, "StartsTried": []}
+    return {"Registration": record}
+
+
 def _make_derivatives(root: Path, *, harmonize_second: bool = False) -> Path:
     """sub-01 with sessions 'ge' (harmonized) and 'philips' (T1w and DWI harmonized only when asked)."""
     from ihf_bids.imageio import save_image
@@ -41,13 +74,15 @@ def _make_derivatives(root: Path, *, harmonize_second: bool = False) -> Path:
             if suffix == "T2w":
                 image = np.where(mask, 1.2 - image, 0)
             save_image(image, tpl.affine, anat / f"{stem}_desc-preproc_{suffix}.nii.gz")
-            _write_json(anat / f"{stem}_desc-preproc_{suffix}.json", {"Site": site, "SkullStripped": True})
+            registration = _registration(ses, suffix) or {}
+            _write_json(anat / f"{stem}_desc-preproc_{suffix}.json",
+                        {"Site": site, "SkullStripped": True, **registration})
             if harmonized or suffix == "T2w":
                 save_image(np.where(mask, image / scale * 1.1 + 0.02, 0), tpl.affine,
                            anat / f"{stem}_desc-harmonized_{suffix}.nii.gz")
                 _write_json(anat / f"{stem}_desc-harmonized_{suffix}.json", {
                     "Site": site, "SourceSite": site, "HarmonizationTarget": {"Site": "siemens", "Modality": suffix},
-                    "HarmonizationModel": model, "Device": "cpu"})
+                    "HarmonizationModel": model, "Device": "cpu", **registration})
         bvals = np.array([0, 0, 1000, 1000, 1000, 1000])
         volumes = [base * 2.0 * scale] * 2 + [base * (0.6 + 0.05 * k) * scale for k in range(4)]
         data = np.stack(volumes, axis=-1).astype(np.float32)
@@ -66,7 +101,7 @@ def _make_derivatives(root: Path, *, harmonize_second: bool = False) -> Path:
                              "HarmonizationModel": model, "Device": "cpu"})
             elif not harmonized:
                 meta["HarmonizationSkipped"] = "the target site siemens has no profile for b=2000"
-            _write_json(dwi / f"{stem}_desc-{desc}_dwi.json", meta)
+            _write_json(dwi / f"{stem}_desc-{desc}_dwi.json", {**meta, **(_registration(ses, "dwi") or {})})
             fa_stem = f"{stem}_model-tensor_param-fa_desc-{desc}_dwimap"
             save_image(fa_map, tpl.affine, dwi / f"{fa_stem}.nii.gz")
             _write_json(dwi / f"{fa_stem}.json", {**meta, "WhiteMatterMedianFA": wm_fa, "MedianFA": wm_fa - 0.1})
@@ -159,6 +194,61 @@ def test_participant_report_content(reports):
     assert "sub-01_ses-philips_desc-difference_T2w.png" in html
     assert 'class="warning"' in html and "no profile for b=2000" in html
     assert "0.410" in html and "0.390" in html  # white-matter median FA before/after
+
+
+def _section(html: str, anchor: str) -> str:
+    start = html.index(f'<section class="series" id="{anchor}">')
+    return html[start:html.index("</section>", start)]
+
+
+def test_participant_report_flags_registrations(reports):
+    """The flagged T2w -> T1w registration of session ge is in a warning box at the top and in a
+    FLAGGED row; the passing ones are rows with 'ok'; the DWI without the field says 'not recorded'."""
+    from markupsafe import escape
+
+    _, participant, _ = reports
+    html = participant.read_text()
+    reason = str(escape(FLAG_REASON))
+    box = re.search(r'<div class="flagged-box" id="flagged-registrations">(.*?)</div>', html, re.S)
+    assert box is not None, "no warning box for the flagged registration"
+    assert box.start() < html.index('<table class="summary">') < html.index('id="ses-ge"')
+    text = box.group(1)
+    assert "Session ge" in text and "T2w \u2192 T1w" in text and reason in text
+    assert "MNI152" not in text and "DWI \u2192" not in text and "philips" not in text  # the passing ones
+    rows = re.findall(r'<tr class="(flagged|passed)"><td>([^<]*)</td>(.*?)</tr>', html, re.S)
+    flagged = [(label, rest) for kind, label, rest in rows if kind == "flagged"]
+    assert [label for label, _ in flagged] == ["T2w \u2192 T1w"]
+    assert f'class="status-flagged">FLAGGED: {reason}</td>' in flagged[0][1]
+    assert '<td class="num beyond">0.620</td>' in flagged[0][1]  # the Dice below the threshold stands out
+    passed = [(label, rest) for kind, label, rest in rows if kind == "passed"]
+    # T1w, T2w (template step only in ses-ge's T2w), DWI of ses-ge; T1w, T2w (two steps) of ses-philips
+    assert sorted(label for label, _ in passed) == sorted(
+        [f"T1w \u2192 {SPACE}"] * 5 + ["DWI \u2192 T1w", "T2w \u2192 T1w"])
+    for _, rest in passed:
+        assert '<td class="status-ok">ok</td>' in rest and "FLAGGED" not in rest and FLAG_REASON[:20] not in rest
+    ge_t2w = _section(html, "sub01_sesge_t2w")
+    assert "FLAGGED" in ge_t2w and "<td>centre of mass</td>" in ge_t2w
+    assert f"Starts rejected: T2w \u2192 T1w: scanner geometry ({REJECTED})" in ge_t2w
+    assert "Starts rejected" not in _section(html, "sub01_sesge_t1w")
+    assert "FLAGGED" not in _section(html, "sub01_sesphilips_t2w")
+    assert "<tr><th>Registrations</th><td>5 recorded, 1 flagged; not recorded for 1 image</td></tr>" in html
+
+
+def test_participant_report_registration_not_recorded(reports, tmp_path):
+    """A sidecar without the Registration field (an older version's output) is 'not recorded'."""
+    from ihf_bids.qc.reports import write_participant_report
+
+    _, participant, _ = reports
+    html = participant.read_text()
+    dwi = _section(html, "sub01_sesphilips_dwi")
+    assert "Registration quality: not recorded" in dwi and "<h4>Registration</h4>" not in dwi
+    assert html.count("Registration quality: not recorded") == 1
+    # a session with no flagged registration has no warning box
+    out = tmp_path / "out"
+    shutil.copytree(reports[0] / "sub-01" / "ses-philips", out / "sub-01" / "ses-philips")
+    clean = write_participant_report(out, "01").read_text()
+    assert 'id="flagged-registrations"' not in clean and "FLAGGED" not in clean
+    assert "<tr><th>Registrations</th><td>2 recorded, 0 flagged; not recorded for 1 image</td></tr>" in clean
 
 
 def test_group_report_content(reports):

@@ -38,7 +38,8 @@ import numpy as np
 from ..imageio import load_float32, read_sidecar
 from ..templates import TEMPLATE_SPACE
 
-__all__ = ["BASELINES", "METHODS", "EvaluatedImage", "collect_images", "evaluate_cohort", "read_covariates"]
+__all__ = ["BASELINES", "METHODS", "EvaluatedImage", "collect_images", "evaluate_cohort", "preproc_paths",
+           "read_covariates"]
 
 LOGGER = logging.getLogger("ihf_bids.qc")
 
@@ -85,6 +86,16 @@ def _sibling(path: Path, old: str, new: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def preproc_paths(output_dir: Path, modality: str) -> list[Path]:
+    """The template-space preprocessed images (``desc-preproc``) of ``modality`` in an output tree.
+
+    How the group level finds the participant level's derivatives: the evaluation and the
+    registration summary (:mod:`ihf_bids.qc.registrations`) both start from this list.
+    """
+    suffix = f"desc-preproc_{modality}.nii.gz"
+    return sorted(Path(output_dir).glob(f"sub-*/**/*_space-{TEMPLATE_SPACE}*_{suffix}"))
+
+
 def collect_images(output_dir: Path, modality: str) -> list[EvaluatedImage]:
     """The template-space preprocessed images of ``modality`` in an output tree.
 
@@ -99,7 +110,7 @@ def collect_images(output_dir: Path, modality: str) -> list[EvaluatedImage]:
 
     images = []
     suffix = f"desc-preproc_{modality}.nii.gz"
-    paths = sorted(output_dir.glob(f"sub-*/**/*_space-{TEMPLATE_SPACE}*_{suffix}"))
+    paths = preproc_paths(output_dir, modality)
     sites = {path: derivative_site(path) for path in paths}
     check_same_grid(paths, what=f"preprocessed {modality} images")
     for path in paths:

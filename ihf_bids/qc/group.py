@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..templates import TEMPLATE_SPACE
 
-__all__ = ["collect_group_rows", "write_group_report", "write_group_tables"]
+__all__ = ["collect_group_rows", "registration_summary", "write_group_report", "write_group_tables"]
 
 _SUFFIXES = {"T1w": "T1w", "T2w": "T2w", "dwi": "dwimap"}
 
@@ -86,6 +86,10 @@ def write_group_report(output_dir: Path, *, bids_dir: Path | None = None, target
                        seed: int = 0, command: str | None = None) -> list[Path]:
     """The group level's outputs: tables, ``group_qc.json`` and ``group_report.html``.
 
+    ``group_qc.json`` holds the evaluation and, under ``registration``, the registration
+    quality recorded in every preprocessed image's sidecar (:func:`registration_summary`);
+    the report lists the flagged registrations at its top.
+
     Raises
     ------
     InputDataError
@@ -104,6 +108,7 @@ def write_group_report(output_dir: Path, *, bids_dir: Path | None = None, target
     except ValueError as err:
         raise InputDataError(f"the group evaluation cannot run: {err}") from err
     evaluation["command"] = command or "ihf-bids " + " ".join(sys.argv[1:])
+    evaluation["registration"] = registration_summary(output_dir)
     written = write_group_tables(output_dir, evaluation)
     if not evaluation["modalities"]:
         return written
@@ -112,6 +117,25 @@ def write_group_report(output_dir: Path, *, bids_dir: Path | None = None, target
     write_bytes_atomically(path, lambda handle: handle.write(text.encode()))
     written += [path, render(output_dir, evaluation)]
     return written
+
+
+def registration_summary(output_dir: Path) -> dict:
+    """The ``registration`` section of ``group_qc.json``: every preprocessed image's recorded
+    registrations (:func:`ihf_bids.qc.registrations.collect_registrations`).
+
+    A failure to read them is logged and reported in the section (``error``); it never stops
+    the group level.
+    """
+    import logging
+
+    from .registrations import collect_registrations
+
+    try:
+        return collect_registrations(output_dir)
+    except Exception as error:  # the summary must never stop the group level
+        logging.getLogger("ihf_bids.qc").warning("group: the registration records could not be read: %s", error,
+                                                 exc_info=True)
+        return {"error": f"the registration records could not be read: {error}"}
 
 
 def _finite_or_null(value):

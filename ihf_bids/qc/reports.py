@@ -378,7 +378,51 @@ def _section_base(item: DerivativeSet, pre_meta: dict, harm_meta: dict) -> dict:
         reason = meta.get("HarmonizationSkipped")
         if reason and f"Harmonization skipped: {reason}" not in section["warnings"]:
             section["warnings"].append(f"Harmonization skipped: {reason}")
+    section["registration"] = _registration_part(pre_meta if item.preproc is not None else harm_meta)
     return section
+
+
+def _registration_part(meta: Mapping) -> dict:
+    """The section's Registration table, from the sidecar's ``Registration`` field.
+
+    ``recorded`` is false for a sidecar written before the field existed ("not recorded").
+    """
+    from .registrations import registration_records, registration_rows, threshold_sentence
+
+    records = registration_records(meta)
+    if records is None:
+        return {"recorded": False, "rows": [], "rejected": [], "thresholds": None}
+    rows = registration_rows(records)
+    rejected = [f"{row['label']}: {start} ({why})" for row in rows for start, why in row["rejected"]]
+    return {"recorded": True, "rows": rows, "rejected": rejected,
+            "thresholds": threshold_sentence() if any(row["flagged"] for row in rows) else None}
+
+
+def _flagged_registrations(sessions: Mapping) -> tuple[list[dict], int, int]:
+    """The participant's flagged registrations, each once (the T1w's template step is in the
+    T2w's and DWI's sidecars too), with the images that carry it; and the numbers of distinct
+    registrations recorded and of images without a record."""
+    flagged: dict[tuple, dict] = {}
+    seen: set[tuple] = set()
+    not_recorded = 0
+    for session in sessions.values():
+        for section in session["sections"]:
+            part = section.get("registration") or {}
+            if not part.get("recorded"):
+                not_recorded += 1
+                continue
+            for row in part["rows"]:
+                key = (session["label"], row["step"], tuple(row["reasons"]),
+                       *(row[c]["text"] for c in ("dice", "correlation", "displacement", "rotation")), row["start"])
+                seen.add(key)
+                if not row["flagged"]:
+                    continue
+                if key in flagged:
+                    flagged[key]["also"].append(section["title"])
+                    continue
+                flagged[key] = {"session": session["title"], "anchor": section["anchor"], "image": section["title"],
+                                "step": row["label"], "reasons": row["reasons"], "also": []}
+    return list(flagged.values()), len(seen), not_recorded
 
 
 def _anat_section(item: DerivativeSet, draw: _FigureWriter, target_intensities) -> dict:
@@ -632,6 +676,11 @@ def write_participant_report(
             session["sites"].append(str(site))
         for warning in section["warnings"]:
             skipped.append(f"{session['title']}, {section['title']}: {warning}")
+    flagged, n_registrations, n_not_recorded = _flagged_registrations(sessions)
+    registration = (f"{n_registrations} recorded, {len(flagged)} flagged" if n_registrations
+                    else "not recorded" if n_not_recorded else "n/a")
+    if n_registrations and n_not_recorded:
+        registration += f"; not recorded for {n_not_recorded} image{'s' if n_not_recorded > 1 else ''}"
     summary = [
         ("Subject", f"sub-{label}"),
         ("Sessions", ", ".join(str(s) for s in sessions if s) or ("none (no session level)" if sessions else "none")),
@@ -643,11 +692,16 @@ def write_participant_report(
         ("Device", ", ".join(_unique(m.get("Device") for m in harm_metas)) or "n/a"),
         ("Target-site profile", ", ".join(sorted(k for k, v in (target_intensities or {}).items() if v is not None))
          or "not given"),
+        ("Registrations", registration),
     ]
+    from .registrations import threshold_sentence
+
     html = _environment().get_template("participant.html").render(
         subject=f"sub-{label}",
         summary=summary,
         skipped=skipped,
+        flagged_registrations=flagged,
+        thresholds=threshold_sentence() if flagged else None,
         sessions=list(sessions.values()),
         generated=_now(),
         version=__version__,
@@ -842,6 +896,49 @@ def _group_modality(name: str, info: Mapping, evaluation: Mapping, output_dir: P
     return block
 
 
+#: Columns of the group report's per-step registration table.
+_REGISTRATION_COLUMNS = (
+    ("label", "Step"), ("n", "Registrations"), ("n_flagged", "Flagged"), ("mask_dice_median", "Median Dice"),
+    ("mask_dice_min", "Min Dice"), ("correlation_median", "Median correlation"),
+    ("correlation_min", "Min correlation"), ("displacement_mm_max", "Max displacement (mm)"),
+    ("rotation_deg_max", "Max rotation (deg)"),
+)
+
+
+def _group_registration(info, output_dir: Path) -> dict | None:
+    """The group report's registration block (its top box and per-step table); ``None`` when the
+    evaluation has no ``registration`` section."""
+    from .registrations import step_label, threshold_sentence
+
+    if not isinstance(info, Mapping):
+        return None
+    block = {"error": info.get("error"), "n_checked": int(info.get("n_checked") or 0), "flagged": [],
+             "sessions": [str(s) for s in info.get("flagged_sessions") or []], "not_recorded": [],
+             "steps": None, "thresholds": threshold_sentence()}
+    for entry in info.get("flagged") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        subject, session = entry.get("subject"), entry.get("session")
+        page = f"sub-{subject}.html"
+        link = None
+        if subject and (output_dir / page).is_file():
+            link = quote(page) + (f"#ses-{quote(str(session))}" if session else "")
+        reasons = entry.get("reasons") or []
+        block["flagged"].append({
+            "subject": f"sub-{subject}" if subject else "n/a", "session": str(session) if session else "n/a",
+            "link": link, "image": str(entry.get("image") or "n/a"), "file": str(entry.get("file") or ""),
+            "step": str(entry.get("step_label") or step_label(str(entry.get("step")))),
+            "reasons": "; ".join(str(r) for r in reasons) if isinstance(reasons, list) else str(reasons),
+        })
+    block["not_recorded"] = [str(f) for f in info.get("not_recorded") or []]
+    steps = info.get("steps") or {}
+    rows = [{**{c: value.get(c) for c, _ in _REGISTRATION_COLUMNS}, "label": value.get("label") or step_label(name)}
+            for name, value in steps.items() if isinstance(value, Mapping)] if isinstance(steps, Mapping) else []
+    if rows:
+        block["steps"] = _table(rows, _REGISTRATION_COLUMNS)
+    return block
+
+
 def write_group_report(output_dir: Path, evaluation: dict) -> Path:
     """Write the group report ``group_report.html`` and its figures under ``group/figures/``.
 
@@ -854,7 +951,9 @@ def write_group_report(output_dir: Path, evaluation: dict) -> Path:
         per modality under ``modalities``, the site KDE curves and the tables
         (``distribution_distance``, ``site_effect``, ``classifier``, ``covariates``,
         ``traveling``, ``fa_cov``) with ``not_applicable`` reasons. Missing pieces are
-        reported as "no data"; unknown keys are ignored.
+        reported as "no data"; unknown keys are ignored. With a ``registration`` section
+        (:func:`ihf_bids.qc.registrations.collect_registrations`) the flagged registrations
+        are listed at the top, and a per-step table follows the summary.
 
     Returns
     -------
@@ -877,7 +976,9 @@ def write_group_report(output_dir: Path, evaluation: dict) -> Path:
         ("Command", str(evaluation.get("command") or "n/a")),
         ("ihf-bids version", __version__),
     ]
+    registration = _group_registration(evaluation.get("registration"), output_dir)
     html = _environment().get_template("group.html").render(summary=summary, modalities=blocks,
+                                                             registration=registration,
                                                              generated=_now(), version=__version__)
     return _write_text(output_dir / "group_report.html", html)
 
