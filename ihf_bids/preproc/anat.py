@@ -440,12 +440,18 @@ def brain_mask_via_template(
        T1, with the metric inside the template brain dilated by 6 mm (rigid, so that
        the brain cannot grow onto the skull); the template brain mask dilated by
        12 mm is warped back to crop the head;
-    2. the cropped image is registered again (affine), with the metric inside the
-       template brain mask, and the template brain mask is warped back to native
-       space (linear interpolation, threshold 0.5);
+    2. the cropped image is registered again (affine, starting from pass 1), with
+       the metric inside the template brain mask, and the template brain mask is
+       warped back to native space (linear interpolation, threshold 0.5);
     3. with ``mode="syn"`` only, the brain-extracted image is registered to the
-       template with affine + SyN (SyN on the head with its skull stretches the brain
-       onto the skull), and that registration is returned.
+       template with SyN, starting from pass 2 (SyN on the head with its skull
+       stretches the brain onto the skull), and that registration is returned.
+
+    Pass 1 starts from the centres of mass. When the result fails its quality check
+    (:func:`template_registration_quality`: the brain mask moved onto the template grid
+    overlaps the template's by less than ``QC_THRESHOLDS["TemplateMaskDice"]``), passes
+    1 and 2 run again from a coarse rotation search, and the result with the higher
+    mutual information is kept; the registration's ``quality`` records both tries.
 
     With ``refine``, the mask is intersected with the (hole-filled) foreground,
     which trims it to the support of a skull-stripped image and leaves a whole-head
@@ -477,7 +483,6 @@ def brain_mask_via_template(
         Native -> template transform of the final pass (``forward`` resamples the
         image onto the template grid, ``template_t1`` of this pass's files).
     """
-    from scipy import ndimage
 
     from ..templates import write_template
     from .registration import apply_transforms, register_images
