@@ -60,13 +60,21 @@ def _tree_rss_mib(root_pid: int) -> float:
     return total / 1024
 
 
-def timed_run(argv: list[str], log: Path) -> dict:
-    """Run ``ihf-bids`` with ``argv``; return exit code, wall seconds and peak tree RSS."""
+def timed_run(argv: list[str], log: Path, *, pythonpath: str | None = None) -> dict:
+    """Run ``ihf-bids`` with ``argv``; return exit code, wall seconds and peak tree RSS.
+
+    ``pythonpath``: run the package found there instead (another checkout), from the log's
+    folder so that this checkout is not on ``sys.path`` ahead of it.
+    """
     command = [str(Path(sys.executable).with_name("ihf-bids")), *argv]
+    env, cwd = None, None
+    if pythonpath:
+        command = [sys.executable, "-c", "import sys; from ihf_bids.cli.run import main; sys.exit(main())", *argv]
+        env, cwd = {**os.environ, "PYTHONPATH": pythonpath}, log.parent
     peak = [0.0]
     start = time.perf_counter()
     with open(log, "w") as handle:
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         done = threading.Event()
 
         def sample():

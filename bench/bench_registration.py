@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,36 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_core import machine_description  # noqa: E402
-from bench_participant import _tree_rss_mib  # noqa: E402
+from bench_participant import timed_run  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmark-registration"
 VOXEL = {"tiny": 4.0, "small": 2.0, "1mm": 1.0}
-
-
-def run_app(argv: list[str], log: Path, pythonpath: str | None) -> dict:
-    """``ihf-bids argv`` with the given package on PYTHONPATH; exit code, wall time, peak memory."""
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    command = [sys.executable, "-c", "import sys; from ihf_bids.cli.run import main; sys.exit(main())", *argv]
-    peak = [0.0]
-    start = time.perf_counter()
-    with open(log, "w") as handle:
-        # cwd: the log's folder, so that this checkout is not on sys.path ahead of PYTHONPATH.
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], _tree_rss_mib(proc.pid))
-                time.sleep(0.2)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        code = proc.wait()
-        done.set()
-        thread.join()
-    return {"exit_code": code, "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mib": round(peak[0])}
 
 
 def placements(out: Path, work: Path, bids: Path, subject: str, sites: list[str], anat: float, dwi: float):
@@ -176,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         app = [str(dataset.root), str(out), "participant", "-w", str(work), "--anat-resolution", f"{anat:g}",
                "--dwi-resolution", f"{dwi:g}", "--registration", args.registration, "--nprocs", "2",
                "--skip-bids-validation"]
-        run = run_app(app, run_dir / "participant.log", pythonpath)
+        run = timed_run(app, run_dir / "participant.log", pythonpath=pythonpath)
         found = []
         for subject in dataset.subjects:
             found += placements(out, work, dataset.root, subject, list(dataset.sites), anat, dwi)

@@ -330,6 +330,12 @@ def _read_ants(path):
     return _to_ants(np.asarray(nii.dataobj, dtype=np.float32), nii.affine)
 
 
+def _write_ants(image, path: str) -> None:
+    import ants
+
+    ants.image_write(image, path)
+
+
 def _affine(path) -> np.ndarray:
     import nibabel as nib
 
@@ -434,7 +440,7 @@ def _grown(mask_img, margin_mm: float):
 
 
 def _mirror_fit(fixed_img, moving_img, moving_affine: np.ndarray, run_prefix: str, mode: str, moving_zooms,
-                random_seed: int) -> float:
+                random_seed: int, fixed_mask: str | None, metric_fixed) -> float:
     """Mutual information reached by the moving image mirrored left-right (a flip check).
 
     The voxels are mirrored along the axis closest to the scanner's left-right axis, the
@@ -443,8 +449,9 @@ def _mirror_fit(fixed_img, moving_img, moving_affine: np.ndarray, run_prefix: st
     axis = int(np.argmax(np.abs(moving_affine[0, :3])))
     mirrored = moving_img.new_image_like(np.ascontiguousarray(np.flip(moving_img.numpy(), axis=axis)))
     transforms = _run_ants(fixed_img, mirrored, f"[{_pointer(fixed_img)},{_pointer(mirrored)},1]", mode=mode,
-                           moving_zooms=moving_zooms, run_prefix=run_prefix, random_seed=random_seed)
-    return _mutual_information(fixed_img, mirrored, transforms)
+                           moving_zooms=moving_zooms, run_prefix=run_prefix, random_seed=random_seed,
+                           masks=(fixed_mask, None))
+    return _mutual_information(metric_fixed, mirrored, transforms)
 
 
 def _overlap(fixed_img, moving_img, fixed_mask_img, moving_mask_img, transforms) -> float:
@@ -472,20 +479,22 @@ def _overlap(fixed_img, moving_img, fixed_mask_img, moving_mask_img, transforms)
 
 
 def _run_ants(fixed_img, moving_img, initial: str, *, mode: str, moving_zooms, run_prefix: str,
-              random_seed: int) -> list[str]:
+              random_seed: int, masks: tuple[str | None, str | None] = (None, None)) -> list[str]:
     """One antsRegistration call (the library's, through antspyx); its transforms, in apply order.
 
-    No ``--masks``: on real oblique images a mask made every stage throw inside ANTs ("the
-    virtual sampled point set must have 1 or more points"), which antsRegistration reports
-    and then writes its initial transform as the result, with exit code 0. The regions are
-    applied to the images instead (:func:`register_images`).
+    ``masks`` are file names: a mask passed as an in-memory antspyx image was read by
+    antsRegistration as empty on real images, and every stage threw ("VirtualSampledPointSet
+    must have 1 or more points"). antsRegistration reports such an exception only with
+    ``--verbose`` and then writes its starting transform as the result, with exit code 0;
+    its output goes to ``<run_prefix>ants.log`` and an exception there raises here.
     """
     from ants.internal import get_lib_fn, process_arguments
 
     args = [
-        "--dimensionality", "3", "--float", "1", "--collapse-output-transforms", "1",
+        "--verbose", "1", "--dimensionality", "3", "--float", "1", "--collapse-output-transforms", "1",
         "--write-composite-transform", "0", "--initial-moving-transform", initial,
         *_ants_stages(mode, fixed_img, moving_zooms, _pointer(fixed_img), _pointer(moving_img)),
+        *(["--masks", f"[{masks[0] or 'NA'},{masks[1] or 'NA'}]"] if any(masks) else []),
         "--use-histogram-matching", "0", "--winsorize-image-intensities", "[0.005,0.995]",
         "--output", run_prefix,
         # antsRegistration --random-seed: 0 means "seed from the clock", so seed s is passed as s + 1.
@@ -597,8 +606,7 @@ def register_images(
         give the linear part as ``initial_transform`` (it is composed into the written
         ``affine.mat``).
     moving_mask, fixed_mask : path, optional
-        Restrict the metric to these regions (at every level): the images are set to zero
-        outside them (ANTs' own masks fail on real oblique images; see ``_run_ants``).
+        Restrict the metric to these regions (at every level).
     random_seed : int
         Seed (>= 0) of the metric sampling; with ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``
         the result is reproducible bit for bit.
@@ -643,9 +651,14 @@ def register_images(
     moving_mask_img = _read_ants(moving_mask) if moving_mask is not None else None
     moving_zooms = _zooms(moving)
     points = _mask_points(fixed_mask, fixed)
+    fixed_mask_file = str(fixed_mask) if fixed_mask is not None else None
     if fixed_mask_margin_mm > 0 and fixed_mask_img is not None:
         fixed_mask_img = _grown(fixed_mask_img, fixed_mask_margin_mm)
-    # The metric's regions, applied to the images (zero outside; see _run_ants).
+        fixed_mask_file = prefix + "fixed_mask_grown.nii.gz"
+        _write_ants(fixed_mask_img, fixed_mask_file)
+    masks = (fixed_mask_file, str(moving_mask) if moving_mask is not None else None)
+    # The regions applied to the images (zero outside): for the mutual information the starts are
+    # compared by, and for the rotation search (it takes no mask).
     metric_fixed = fixed_img * fixed_mask_img if fixed_mask_img is not None else fixed_img
     metric_moving = moving_img * moving_mask_img if moving_mask_img is not None else moving_img
 
@@ -667,11 +680,11 @@ def register_images(
         elif how == "scanner geometry":
             initial = "Identity"
         elif how == "centre of mass":
-            initial = f"[{_pointer(metric_fixed)},{_pointer(metric_moving)},1]"
+            initial = f"[{_pointer(fixed_img)},{_pointer(moving_img)},1]"
         else:
             initial = _rotation_search(metric_fixed, metric_moving, run_prefix + "search.mat")
-        transforms = _run_ants(metric_fixed, metric_moving, initial, mode=mode, moving_zooms=moving_zooms,
-                               run_prefix=run_prefix, random_seed=random_seed)
+        transforms = _run_ants(fixed_img, moving_img, initial, mode=mode, moving_zooms=moving_zooms,
+                               run_prefix=run_prefix, random_seed=random_seed, masks=masks)
         displacement, rotation, _ = linear_transform_summary(transforms[-1], points)
         mi = _mutual_information(metric_fixed, metric_moving, transforms)
         why = bounds.violations(displacement, rotation) if bounds is not None and how != "previous stage" else []
@@ -696,8 +709,8 @@ def register_images(
         if mask_dice < QC_THRESHOLDS["WithinSessionMaskDice"]:
             flags.append(f"the moved {'brain mask' if moving_mask_img is not None else 'foreground'} overlaps "
                          f"the reference's by Dice {mask_dice:.2f} (below {QC_THRESHOLDS['WithinSessionMaskDice']:g})")
-        mirror_mi = _mirror_fit(metric_fixed, metric_moving, _affine(moving), f"{prefix}ants_mirror_", mode,
-                                moving_zooms, random_seed)
+        mirror_mi = _mirror_fit(fixed_img, moving_img, _affine(moving), f"{prefix}ants_mirror_", mode,
+                                moving_zooms, random_seed, fixed_mask_file, metric_fixed)
         if mirror_mi > record["mutual_information"] * (1.0 + QC_THRESHOLDS["MirrorMargin"]):
             flags.append(f"its left-right mirror image fits the reference better (mutual information {mirror_mi:.3f} "
                          f"against {record['mutual_information']:.3f}): is one of the two headers flipped left-right?")
