@@ -590,10 +590,12 @@ def register_images(
     The optimisation runs on the schedule of :func:`multiresolution_schedule` (levels in mm,
     so 1, 2 and 4 mm grids are treated alike). It starts from ``start`` (or from
     ``initial_transform``). With ``bounds``, a result whose linear part moves the brain
-    further than the bounds from the scanner geometry is implausible: the other starts of
-    :data:`REGISTRATION_STARTS` are then tried in turn (centre of mass, then a coarse
-    rotation search), the plausible result with the highest mutual information is kept, and
-    :class:`RegistrationError` is raised when none is plausible.
+    further than the bounds from the scanner geometry is implausible; when the first result
+    is implausible or its Dice is below ``QC_THRESHOLDS["WithinSessionMaskDice"]``, the
+    other starts of :data:`REGISTRATION_STARTS` are tried in turn (centre of mass, then a
+    coarse rotation search) until one passes both. The result with the highest mutual
+    information is kept; if it is implausible, the images fit best further apart than a head
+    moves within a session, and :class:`RegistrationError` is raised.
 
     Parameters
     ----------
@@ -671,7 +673,7 @@ def register_images(
         starts = [start, *(later if bounds is not None else ())]
 
     tried: list[dict] = []
-    results: list[tuple[dict, list[str]]] = []
+    results: list[tuple[dict, list[str], float | None]] = []
     for index, how in enumerate(starts):
         run_prefix = f"{prefix}ants_{index}_"
         if how == "previous stage":
@@ -689,24 +691,25 @@ def register_images(
         displacement, rotation, _ = linear_transform_summary(transforms[-1], points)
         mi = _mutual_information(metric_fixed, metric_moving, transforms)
         why = bounds.violations(displacement, rotation) if bounds is not None and how != "previous stage" else []
+        dice = _overlap(fixed_img, moving_img, fixed_mask_img, moving_mask_img, transforms) if bounds else None
         record = {"start": how, "mutual_information": mi, "displacement_mm": displacement,
                   "rotation_deg": rotation, "implausible": "; ".join(why)}
         tried.append(record)
-        results.append((record, transforms))
-        if not why:
+        results.append((record, transforms, dice))
+        if not why and (dice is None or dice >= QC_THRESHOLDS["WithinSessionMaskDice"]):
             break
-    plausible = [(r, t) for r, t in results if not r["implausible"]]
-    if not plausible:
-        detail = "; ".join(f"from the {r['start']}: {r['implausible']}" for r in tried)
+    # The best fit decides. Implausible, it says that the two images lie further apart than a
+    # head moves in a session (a plausible result that fits worse is a local optimum).
+    record, transforms, mask_dice = max(results, key=lambda item: item[0]["mutual_information"])
+    if record["implausible"]:
+        detail = "; ".join(f"from the {r['start']}: {r['implausible'] or 'plausible but fits worse'}" for r in tried)
         raise RegistrationError(
             f"registration of {moving} to {fixed} failed: no start gave a plausible result ({detail}). "
             "View the two images together: a header that places them far apart or flips one of them, or an "
             "image of another subject or session, makes them impossible to align rigidly; fix the header or "
             "leave the image out.")
-    record, transforms = max(plausible, key=lambda item: item[0]["mutual_information"])
-    mask_dice, mirror_mi, flags = None, None, []
+    mirror_mi, flags = None, []
     if bounds is not None:
-        mask_dice = _overlap(fixed_img, moving_img, fixed_mask_img, moving_mask_img, transforms)
         if mask_dice < QC_THRESHOLDS["WithinSessionMaskDice"]:
             flags.append(f"the moved {'brain mask' if moving_mask_img is not None else 'foreground'} overlaps "
                          f"the reference's by Dice {mask_dice:.2f} (below {QC_THRESHOLDS['WithinSessionMaskDice']:g})")
