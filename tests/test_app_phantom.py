@@ -143,8 +143,8 @@ def test_same_brain_lands_in_the_same_place(cohort):
     For each pair of a subject's images (T1w, T2w, DWI at both sites) the anatomical points the
     two put at the same template voxel, from the written transforms and the phantom's known head
     positions, are on average less than one voxel (4 mm) apart over the template's brain
-    (measured 0.1-1.6 mm; the code before the millimetre schedules and scanner-geometry starts
-    put DWI and T2w sessions 5-40 mm off: docs/benchmark-registration.md).
+    (measured 0.3-0.5 mm; the code before the millimetre schedules and scanner-geometry starts
+    put T2w and DWI sessions up to 39 mm off: docs/benchmark-registration.md).
     """
     from ihf_bids.phantom import read_head_motion
     from ihf_bids.phantom.alignment import misalignment_table, placements_from_derivatives
